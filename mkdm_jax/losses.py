@@ -1,0 +1,115 @@
+"""Distillation and gold-label losses.
+
+Shapes: student head logits `s` [B, H, C]; teacher logits `z` [B, H, C] (teacher t feeds head t:
+MKDM has H = T heads; single-teacher and averaged-ensemble KD have H = 1); labels [B] int (-1 = none);
+`weight` [B] (0 for padding rows).
+
+The MKDM objective is  L = sum_t w_t [alpha * soft(s_t, z_t; T) + (1 - alpha) * CE(s_t, y)],
+averaged over real rows. Rows without a gold label use the soft term only (TMKD stage 1).
+"""
+import jax
+import jax.numpy as jnp
+import optax
+
+SOFT_LOSSES = ('kl', 'ce', 'mse')
+TEACHER_WEIGHTINGS = ('uniform', 'fixed', 'confidence')
+
+
+def soft_loss(student_logits, teacher_logits, temperature, kind='kl'):
+  """Per-example, per-head soft-label loss [..., C] -> [...].
+
+  'kl': T^2 * KL(softmax(z/T) || softmax(s/T)) (Hinton et al.; T^2 keeps gradient scale T-free);
+  'ce': T^2 * cross-entropy with the teacher's softened distribution as target;
+  'mse': mean squared error between raw logits (temperature unused).
+  """
+  if kind == 'mse':
+    return jnp.mean(jnp.square(student_logits - teacher_logits), axis=-1)
+  log_p_student = jax.nn.log_softmax(student_logits / temperature, axis=-1)
+  p_teacher = jax.nn.softmax(teacher_logits / temperature, axis=-1)
+  cross_entropy = -jnp.sum(p_teacher * log_p_student, axis=-1)
+  if kind == 'ce':
+    return temperature**2 * cross_entropy
+  if kind == 'kl':
+    teacher_entropy = -jnp.sum(p_teacher * jax.nn.log_softmax(teacher_logits / temperature, axis=-1), axis=-1)
+    return temperature**2 * (cross_entropy - teacher_entropy)
+  raise ValueError(f'soft loss must be one of {SOFT_LOSSES}, got {kind!r}')
+
+
+def gold_loss(student_logits, labels):
+  """Cross-entropy with gold labels [B, H, C], [B] -> [B, H]; 0 where the label is missing (-1)."""
+  safe_labels = jnp.maximum(labels, 0)
+  ce = optax.softmax_cross_entropy_with_integer_labels(
+      student_logits, jnp.broadcast_to(safe_labels[:, None], student_logits.shape[:2]))
+  return jnp.where(labels[:, None] >= 0, ce, 0.0)
+
+
+def teacher_weights(teacher_logits, kind='uniform', fixed=None):
+  """Weights w_t, [B, H], summing to 1 over heads for every row.
+
+  'uniform': 1/H; 'fixed': the given per-teacher weights, normalised; 'confidence': per example,
+  proportional to each teacher's max softmax probability (more confident teachers count more).
+  """
+  batch, heads = teacher_logits.shape[:2]
+  if kind == 'uniform':
+    return jnp.full((batch, heads), 1.0 / heads)
+  if kind == 'fixed':
+    w = jnp.asarray(fixed, jnp.float32)
+    return jnp.broadcast_to(w / jnp.sum(w), (batch, heads))
+  if kind == 'confidence':
+    confidence = jnp.max(jax.nn.softmax(teacher_logits, axis=-1), axis=-1)
+    return confidence / jnp.sum(confidence, axis=-1, keepdims=True)
+  raise ValueError(f'teacher weighting must be one of {TEACHER_WEIGHTINGS}, got {kind!r}')
+
+
+def mkdm_loss(student_logits, teacher_logits, labels, weight, *, alpha, temperature,
+              soft='kl', weighting='uniform', fixed_weights=None):
+  """The MKDM objective and its parts, each averaged over real rows.
+
+  `teacher_logits` may be None (gold loss only: teacher fine-tuning, no-distillation student).
+  Returns (loss, measurements) with 'soft_t{i}' per head, 'soft', 'gold' and 'accuracy'.
+  """
+  denom = jnp.maximum(jnp.sum(weight), 1.0)
+  mean = lambda per_example: jnp.sum(per_example * weight) / denom
+  gold = gold_loss(student_logits, labels)  # [B, H]
+  has_label = (labels >= 0).astype(jnp.float32)[:, None]
+  heads = student_logits.shape[1]
+  if teacher_logits is None:
+    w = jnp.full(gold.shape, 1.0 / heads)
+    per_head = gold
+    measurements = {}
+  else:
+    w = teacher_weights(teacher_logits, weighting, fixed_weights)
+    soft_terms = soft_loss(student_logits, teacher_logits, temperature, soft)  # [B, H]
+    # Unlabelled rows: the soft term alone carries the full weight.
+    soft_coef = jnp.where(has_label > 0, alpha, 1.0)
+    per_head = soft_coef * soft_terms + (1.0 - soft_coef) * gold
+    measurements = {f'soft_t{i}': mean(soft_terms[:, i]) for i in range(heads)}
+    measurements['soft'] = mean(jnp.sum(w * soft_terms, axis=1))
+  loss = mean(jnp.sum(w * per_head, axis=1))
+  measurements['gold'] = mean(jnp.sum(w * gold, axis=1))
+  return loss, measurements
+
+
+def hidden_state_mse(student_hidden, teacher_hidden, projection, mask):
+  """Intermediate-layer term: MSE between projected student and teacher hidden states [B, L, D].
+
+  `projection` [Ds, Dt] is learned when the widths differ (identity otherwise); padding is masked.
+  """
+  diff = student_hidden @ projection - teacher_hidden
+  per_token = jnp.mean(jnp.square(diff), axis=-1)
+  return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def attention_kl(student_attn, teacher_attn, mask):
+  """Intermediate-layer term: KL(teacher || student) of attention maps [B, heads, L, L], masked rows."""
+  eps = 1e-9
+  kl = jnp.sum(teacher_attn * (jnp.log(teacher_attn + eps) - jnp.log(student_attn + eps)), axis=-1)
+  row_mask = mask[:, None, :]
+  return jnp.sum(kl * row_mask) / jnp.maximum(jnp.sum(row_mask) * kl.shape[1], 1.0)
+
+
+def linear_schedule(start, end, steps):
+  """A constant (start == end) or linear schedule for temperature / alpha, as an optax schedule."""
+  if start == end or steps <= 0:
+    return optax.constant_schedule(start)
+  return optax.linear_schedule(start, end, steps)
