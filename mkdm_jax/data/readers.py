@@ -1,0 +1,246 @@
+"""Strict readers for tab-separated and JSON-lines pair files, producing `Examples`.
+
+File rules (both formats):
+  * UTF-8 (a leading BOM is allowed); LF or CRLF line ends.
+  * Blank lines at the end of a file are ignored; a blank line before the last row is a malformed row.
+  * Every malformed row (bad UTF-8, wrong field count, empty text, unknown label, ...) raises `UserError`
+    naming `file:line` and the problem, unless `skip_bad_rows=True`: then it is skipped, counted in
+    `Examples.skipped` and reported once through `logging`.
+  * Empty files and header-only files always raise.
+TSV has no quoting (WikiQA sentences contain bare quotes): fields are split on every tab.
+"""
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from mkdm_jax.errors import UserError
+
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Examples:
+  """Sentence pairs with labels (-1 = none), optional question groups and stable row ids."""
+  text_a: list[str]
+  text_b: list[str]
+  labels: np.ndarray  # int32 [N], -1 = no label
+  groups: np.ndarray | None  # int64 [N] group code (question index in order of first appearance)
+  ids: np.ndarray  # int64 [N] row ids (0..N-1 in file order for a freshly read file)
+  source: str
+  fingerprint: str
+  skipped: int = 0
+
+  def __len__(self):
+    return len(self.text_a)
+
+  def select(self, indices) -> "Examples":
+    """Rows at `indices` (positions), with a fingerprint derived from the parent's and the indices."""
+    idx = np.asarray(indices, dtype=np.int64)
+    return dataclasses.replace(
+        self,
+        text_a=[self.text_a[i] for i in idx],
+        text_b=[self.text_b[i] for i in idx],
+        labels=self.labels[idx],
+        groups=None if self.groups is None else self.groups[idx],
+        ids=self.ids[idx],
+        fingerprint=hashlib.sha256(self.fingerprint.encode() + idx.tobytes()).hexdigest())
+
+
+class RowError(Exception):
+  """A malformed row; readers turn it into a `UserError` naming file and line."""
+
+
+def parse_label(value, label_names: list[str]) -> int:
+  """A label given as one of `label_names` or as its integer index."""
+  if isinstance(value, str):
+    text = value.strip()
+    if text in label_names:
+      return label_names.index(text)
+    if text in [str(i) for i in range(len(label_names))]:
+      return int(text)
+  elif isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(label_names):
+    return value
+  allowed = ", ".join(repr(n) for n in label_names)
+  raise RowError(f"unknown label {value!r}; allowed: {allowed} or 0..{len(label_names) - 1}")
+
+
+def check_text(value, column) -> str:
+  """A non-empty text field."""
+  if not isinstance(value, str):
+    raise RowError(f"field {column!r} must be a string, got {type(value).__name__}")
+  if not value.strip():
+    raise RowError(f"empty {column!r} field")
+  return value
+
+
+def _read_lines(path: Path) -> tuple[list[bytes], str]:
+  """The file's lines without line ends or trailing blank lines, and its sha256."""
+  try:
+    data = path.read_bytes()
+  except OSError as e:
+    raise UserError(f"{path}: cannot read file: {e.strerror}") from e
+  lines = data.split(b"\n")
+  lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
+  while lines and not lines[-1].strip():
+    lines.pop()
+  if not lines:
+    raise UserError(f"{path}: file is empty")
+  return lines, hashlib.sha256(data).hexdigest()
+
+
+def _decode(line: bytes, lineno: int) -> str:
+  try:
+    return line.decode("utf-8-sig" if lineno == 1 else "utf-8")
+  except UnicodeDecodeError as e:
+    raise RowError(f"not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})") from None
+
+
+def _build(path, rows, file_sha, options, skipped, first_error) -> Examples:
+  """Examples from parsed rows [(text_a, text_b, label, group)]."""
+  if skipped:
+    _log.warning("%s: skipped %d malformed rows (first: %s)", path, skipped, first_error)
+  if not rows:
+    raise UserError(f"{path}: no valid data rows" + (f" ({skipped} malformed rows skipped)" if skipped else ""))
+  text_a, text_b, labels, groups = zip(*rows)
+  if groups[0] is None:
+    codes = None
+  else:
+    index = {}
+    codes = np.array([index.setdefault(g, len(index)) for g in groups], dtype=np.int64)
+  fingerprint = hashlib.sha256((file_sha + json.dumps(options, sort_keys=True)).encode()).hexdigest()
+  return Examples(list(text_a), list(text_b), np.array(labels, dtype=np.int32), codes,
+                  np.arange(len(rows), dtype=np.int64), str(path), fingerprint, skipped)
+
+
+def _collect(path, lines, parse_row, *, skip_bad_rows, max_rows, whole_groups):
+  """Parses numbered lines with `parse_row`, handling skipping and `max_rows`."""
+  if max_rows is not None and max_rows < 1:
+    raise UserError(f"max_rows must be at least 1, got {max_rows}")
+  rows, skipped, first_error = [], 0, None
+  for lineno, raw in lines:
+    full = max_rows is not None and len(rows) >= max_rows
+    if full and not whole_groups:
+      break
+    try:
+      if not raw.strip():
+        raise RowError("blank line before the end of the file")
+      row = parse_row(_decode(raw, lineno))
+    except RowError as e:
+      if not skip_bad_rows:
+        raise UserError(f"{path}:{lineno}: {e}") from None
+      skipped += 1
+      first_error = first_error or f"line {lineno}: {e}"
+      continue
+    if full and row[3] != rows[-1][3]:
+      break  # whole_groups: the last group is complete.
+    rows.append(row)
+  return rows, skipped, first_error
+
+
+def _first_line(path, lines) -> str:
+  try:
+    return _decode(lines[0], 1)
+  except RowError as e:
+    raise UserError(f"{path}:1: {e}") from None
+
+
+def _is_index(col) -> bool:
+  return isinstance(col, int) or (isinstance(col, str) and col.isascii() and col.isdigit())
+
+
+def read_tsv(path, *, text_a_col, text_b_col, label_col=None, group_col=None, label_names,
+             optional_label=False, skip_bad_rows=False, max_rows=None, whole_groups=False) -> Examples:
+  """Reads a TSV file of pairs.
+
+  Columns are header names, or integer indices (ints or digit strings) for a file without a header.
+  `label_col=None` gives unlabelled rows (-1); so does a missing label column when `optional_label`.
+  `whole_groups`: `max_rows` is rounded up to the end of the last group, so no group is cut.
+  """
+  path = Path(path)
+  cols = [c for c in (text_a_col, text_b_col, label_col, group_col) if c is not None]
+  if text_a_col is None or text_b_col is None:
+    raise UserError(f"{path}: give both text columns (text_a_col and text_b_col)")
+  indexed = [_is_index(c) for c in cols]
+  if any(indexed) and not all(indexed):
+    raise UserError(f"{path}: columns must be all header names or all integer indices, got {cols}")
+  lines, file_sha = _read_lines(path)
+  if all(indexed):  # No header: the first row sets the field count.
+    numbered = list(enumerate(lines, start=1))
+    width = len(_first_line(path, lines).split("\t"))
+    positions = [int(c) for c in cols]
+    if max(positions) >= width:
+      raise UserError(f"{path}:1: column index {max(positions)} out of range for rows of {width} fields")
+  else:
+    numbered = list(enumerate(lines, start=1))[1:]
+    header = _first_line(path, lines).split("\t")
+    if not numbered:
+      raise UserError(f"{path}: has a header line but no data rows")
+    if optional_label and label_col not in header:
+      label_col = None
+      cols = [c for c in (text_a_col, text_b_col, group_col) if c is not None]
+    missing = [c for c in cols if c not in header]
+    if missing:
+      raise UserError(f"{path}:1: header lacks column(s) {missing}; found {header}")
+    width = len(header)
+    positions = [header.index(c) for c in cols]
+  names = [str(c) for c in cols]
+  has_label, has_group = label_col is not None, group_col is not None
+
+  def parse_row(line):
+    fields = line.split("\t")
+    if len(fields) != width:
+      raise RowError(f"expected {width} tab-separated fields, found {len(fields)}")
+    values = [fields[p] for p in positions]
+    a = check_text(values[0], names[0])
+    b = check_text(values[1], names[1])
+    label = parse_label(values[2], label_names) if has_label else -1
+    group = check_text(values[-1], names[-1]) if has_group else None
+    return a, b, label, group
+
+  rows, skipped, first_error = _collect(path, numbered, parse_row, skip_bad_rows=skip_bad_rows,
+                                        max_rows=max_rows, whole_groups=whole_groups and has_group)
+  options = dict(format="tsv", columns=names, labelled=has_label, label_names=label_names,
+                 max_rows=max_rows, whole_groups=whole_groups)
+  return _build(path, rows, file_sha, options, skipped, first_error)
+
+
+def read_jsonl(path, *, text_a_col, text_b_col, label_col=None, group_col=None, label_names,
+               skip_bad_rows=False, max_rows=None, whole_groups=False) -> Examples:
+  """Reads a JSON-lines file: one object per line with the given keys (labels as names or ints)."""
+  path = Path(path)
+  if text_a_col is None or text_b_col is None:
+    raise UserError(f"{path}: give both text keys (text_a_col and text_b_col)")
+  lines, file_sha = _read_lines(path)
+
+  def parse_row(line):
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise RowError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+      raise RowError("JSON nested too deeply") from None
+    if not isinstance(obj, dict):
+      raise RowError(f"expected a JSON object, got {type(obj).__name__}")
+    missing = [k for k in (text_a_col, text_b_col, label_col, group_col) if k is not None and k not in obj]
+    if missing:
+      raise RowError(f"missing key(s) {missing}")
+    a = check_text(obj[text_a_col], text_a_col)
+    b = check_text(obj[text_b_col], text_b_col)
+    label = -1 if label_col is None else parse_label(obj[label_col], label_names)
+    group = None
+    if group_col is not None:
+      group = obj[group_col]
+      if not isinstance(group, (str, int)) or isinstance(group, bool) or not str(group).strip():
+        raise RowError(f"group {group_col!r} must be a non-empty string or an integer, got {group!r}")
+      group = str(group)
+    return a, b, label, group
+
+  rows, skipped, first_error = _collect(path, enumerate(lines, start=1), parse_row, skip_bad_rows=skip_bad_rows,
+                                        max_rows=max_rows, whole_groups=whole_groups and group_col is not None)
+  options = dict(format="jsonl", columns=[text_a_col, text_b_col, label_col, group_col],
+                 label_names=label_names, max_rows=max_rows, whole_groups=whole_groups)
+  return _build(path, rows, file_sha, options, skipped, first_error)
