@@ -1,0 +1,80 @@
+"""Sequence-pair classifier: a BERT or BiLSTM encoder plus N linear heads on its pooled feature."""
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mkdm_jax.errors import UserError
+from mkdm_jax.models.bert import BertConfig, BertEncoder
+from mkdm_jax.models.bilstm import BiLSTMConfig, BiLSTMEncoder
+
+COMBINE_MODES = ('mean', 'learned')
+
+
+class Classifier(nn.Module):
+  """Encoder + `num_heads` linear heads (one per teacher in MKDM) combined into one prediction.
+
+  combine='mean': logits = mean of head logits; 'learned': softmax-normalised learned weights
+  over heads (param 'combine_weights', initialised uniform). `dtype` is the compute dtype; params
+  are fp32 and the heads run in fp32.
+
+  Returns {'head_logits': [B, H, C], 'logits': [B, C]} (fp32); with output_hidden_states and a BERT
+  encoder also 'hidden_states' (embeddings, then each layer; in `dtype`) and 'attentions' (fp32).
+  """
+  encoder: BertConfig | BiLSTMConfig
+  num_classes: int
+  num_heads: int = 1
+  combine: str = 'mean'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids, token_type_ids, attention_mask, *, deterministic: bool = True,
+               output_hidden_states: bool = False):
+    if self.combine not in COMBINE_MODES:
+      raise UserError(f'Classifier: combine={self.combine!r}, expected one of {COMBINE_MODES}.')
+    if self.num_heads < 1 or self.num_classes < 1:
+      raise UserError(f'Classifier: num_heads={self.num_heads} and num_classes={self.num_classes} '
+                      'must both be >= 1.')
+    if isinstance(self.encoder, BertConfig):
+      enc = BertEncoder(self.encoder, self.dtype, name='encoder')
+      dropout = self.encoder.hidden_dropout
+    else:
+      enc = BiLSTMEncoder(self.encoder, self.dtype, name='encoder')
+      dropout = self.encoder.dropout
+    out = enc(input_ids, token_type_ids, attention_mask, deterministic=deterministic)
+    x = nn.Dropout(dropout)(out['pooled'], deterministic=deterministic).astype(jnp.float32)
+    head_logits = Heads(self.num_heads, self.num_classes, name='heads')(x)
+    if self.combine == 'learned':
+      w = nn.softmax(self.param('combine_weights', nn.initializers.zeros, (self.num_heads,)))
+    else:
+      w = jnp.full((self.num_heads,), 1.0 / self.num_heads)
+    result = {'head_logits': head_logits, 'logits': jnp.einsum('h,bhc->bc', w, head_logits)}
+    if output_hidden_states and 'hidden_states' in out:
+      result['hidden_states'] = out['hidden_states']
+      result['attentions'] = out['attentions']
+    return result
+
+
+class Heads(nn.Module):
+  """`num_heads` linear heads as one kernel [H, D, C] and bias [H, C], applied with one einsum."""
+  num_heads: int
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', nn.initializers.normal(0.02),
+                        (self.num_heads, x.shape[-1], self.num_classes))
+    bias = self.param('bias', nn.initializers.zeros, (self.num_heads, self.num_classes))
+    return jnp.einsum('bd,hdc->bhc', x, kernel) + bias
+
+
+def combination_weights(classifier: Classifier, params):
+  """The weights [H] (summing to 1) with which `classifier` combines its head logits."""
+  if classifier.combine == 'learned':
+    return nn.softmax(jnp.asarray(params['combine_weights'], jnp.float32))
+  return jnp.full((classifier.num_heads,), 1.0 / classifier.num_heads)
+
+
+def build_classifier(encoder_cfg, num_classes, num_heads=1, combine='mean', dtype=jnp.float32):
+  """Convenience constructor for `Classifier`."""
+  return Classifier(encoder_cfg, num_classes, num_heads, combine, dtype)
