@@ -1,0 +1,169 @@
+"""The one train step and the eval step, shared by teacher fine-tuning and every distillation variant.
+
+Variants differ only in data and `LossConfig`:
+  teacher fine-tuning / student_scratch  teacher_mode='none' (gold labels only)
+  kd_single                              teacher_mode='per_head', one teacher's logits, one head
+  kd_ensemble                            teacher_mode='ensemble', all teachers averaged, one head
+  mkdm                                   teacher_mode='per_head', teacher t -> head t
+  tmkd stage 1                           as mkdm, on unlabelled rows (labels -1: soft term only)
+Teacher logits come from the batch (`teacher_logits` [B, T, C], read from the logit store) or from
+frozen teacher parameters run inside the step (online teachers).
+"""
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from mkdm_jax import losses
+
+TEACHER_MODES = ('none', 'per_head', 'ensemble')
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # micro-batches seen (== optimiser updates unless gradients are accumulated)
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """What the loss function does; hashable, so it is static for jit."""
+  teacher_mode: str = 'none'
+  soft: str = 'kl'
+  alpha: float = 0.5
+  alpha_end: float | None = None  # linear schedule from alpha to alpha_end over schedule_steps
+  temperature: float = 1.0
+  temperature_end: float | None = None
+  schedule_steps: int = 0
+  weighting: str = 'uniform'
+  fixed_weights: tuple[float, ...] | None = None
+  hidden_weight: float = 0.0  # intermediate-layer terms (need online teachers; teacher 0 is used)
+  attention_weight: float = 0.0
+
+  def __post_init__(self):
+    if self.teacher_mode not in TEACHER_MODES:
+      raise ValueError(f'teacher_mode must be one of {TEACHER_MODES}, got {self.teacher_mode!r}')
+    if self.soft not in losses.SOFT_LOSSES:
+      raise ValueError(f'soft loss must be one of {losses.SOFT_LOSSES}, got {self.soft!r}')
+    if self.weighting not in losses.TEACHER_WEIGHTINGS:
+      raise ValueError(f'weighting must be one of {losses.TEACHER_WEIGHTINGS}, got {self.weighting!r}')
+    for name in ('alpha', 'alpha_end'):
+      value = getattr(self, name)
+      if value is not None and not 0.0 <= value <= 1.0:
+        raise ValueError(f'{name} must lie in [0, 1], got {value}')
+    for name in ('temperature', 'temperature_end'):
+      value = getattr(self, name)
+      if value is not None and value <= 0:
+        raise ValueError(f'{name} must be > 0, got {value}')
+
+
+def ensemble_logits(teacher_logits):
+  """Averaged-ensemble target [B, T, C] -> [B, 1, C]: log of the mean teacher probability."""
+  probs = jnp.mean(jax.nn.softmax(teacher_logits, axis=-1), axis=1, keepdims=True)
+  return jnp.log(jnp.maximum(probs, 1e-12))
+
+
+def _layer_map(num_student, num_teacher):
+  """Student layer i (1-based) learns from teacher layer round(i * Lt / Ls) (uniform mapping)."""
+  return [(i, round(i * num_teacher / num_student)) for i in range(1, num_student + 1)]
+
+
+def make_loss_fn(model, config: LossConfig, teacher_models=()):
+  """loss_fn(params, batch, rng, step, teacher_params) -> (loss, measurements)."""
+  alpha_at = losses.linear_schedule(config.alpha, config.alpha if config.alpha_end is None
+                                    else config.alpha_end, config.schedule_steps)
+  temperature_at = losses.linear_schedule(
+      config.temperature, config.temperature if config.temperature_end is None
+      else config.temperature_end, config.schedule_steps)
+  intermediate = config.hidden_weight > 0 or config.attention_weight > 0
+
+  def loss_fn(params, batch, rng, step, teacher_params):
+    inputs = (batch['input_ids'], batch['token_type_ids'], batch['attention_mask'])
+    out = model.apply({'params': params}, *inputs, deterministic=False,
+                      output_hidden_states=intermediate, rngs={'dropout': rng})
+    student_logits = out['head_logits']
+    teacher_logits, teacher_out = batch.get('teacher_logits'), None
+    if teacher_models:
+      teacher_outs = [m.apply({'params': p}, *inputs, deterministic=True, output_hidden_states=intermediate)
+                      for m, p in zip(teacher_models, teacher_params)]
+      teacher_logits = jnp.stack([o['logits'] for o in teacher_outs], axis=1)
+      teacher_out = teacher_outs[0]
+    if config.teacher_mode == 'none':
+      teacher_logits = None
+    else:
+      teacher_logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
+      if config.teacher_mode == 'ensemble':
+        teacher_logits = jnp.broadcast_to(ensemble_logits(teacher_logits), student_logits.shape)
+    alpha, temperature = alpha_at(step), temperature_at(step)
+    loss, measurements = losses.mkdm_loss(
+        student_logits, teacher_logits, batch['labels'], batch['weight'], alpha=alpha,
+        temperature=temperature, soft=config.soft, weighting=config.weighting,
+        fixed_weights=config.fixed_weights)
+    if intermediate:
+      mask = batch['attention_mask'].astype(jnp.float32)
+      pairs = _layer_map(len(out['hidden_states']) - 1, len(teacher_out['hidden_states']) - 1)
+      if config.hidden_weight > 0:
+        projection = params.get('hidden_projection', None)
+        hidden = sum(losses.hidden_state_mse(
+            out['hidden_states'][s], jax.lax.stop_gradient(teacher_out['hidden_states'][t]),
+            projection if projection is not None else jnp.eye(out['hidden_states'][s].shape[-1]), mask)
+                     for s, t in pairs) / len(pairs)
+        measurements['hidden_mse'] = hidden
+        loss = loss + config.hidden_weight * hidden
+      if config.attention_weight > 0:
+        attention = sum(losses.attention_kl(
+            out['attentions'][s - 1], jax.lax.stop_gradient(teacher_out['attentions'][t - 1]), mask)
+                        for s, t in pairs) / len(pairs)
+        measurements['attention_kl'] = attention
+        loss = loss + config.attention_weight * attention
+    labelled = batch['weight'] * (batch['labels'] >= 0)
+    correct = jnp.argmax(out['logits'], axis=-1) == batch['labels']
+    measurements['accuracy'] = jnp.sum(correct * labelled) / jnp.maximum(jnp.sum(labelled), 1.0)
+    measurements.update(alpha=alpha, temperature=temperature)
+    return loss, measurements
+
+  return loss_fn
+
+
+def make_train_step(model, optimizer, lr_schedule, config: LossConfig, teacher_models=(),
+                    accumulate=1):
+  """A pure `train_step(state, batch, teacher_params) -> (state, measurements)`; jit it with donation."""
+  loss_fn = make_loss_fn(model, config, teacher_models)
+
+  def train_step(state, batch, teacher_params=()):
+    rng = jax.random.fold_in(state.rng, state.step)
+    (loss, measurements), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch, rng, state.step // accumulate, teacher_params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    measurements.update(loss=loss, grad_norm=optax.tree.norm(grads),
+                        learning_rate=lr_schedule(state.step // accumulate))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), measurements
+
+  return train_step
+
+
+def make_eval_step(model):
+  """`eval_step(params, batch) -> {'logits': [B, C], 'head_logits': [B, H, C]}` (no dropout)."""
+
+  def eval_step(params, batch):
+    out = model.apply({'params': params}, batch['input_ids'], batch['token_type_ids'],
+                      batch['attention_mask'], deterministic=True)
+    return {'logits': out['logits'], 'head_logits': out['head_logits']}
+
+  return eval_step
+
+
+def init_state(model, optimizer, rng, max_length=32, params=None):
+  """Fresh TrainState from given (e.g. pretrained) params, else a random init."""
+  init_rng, state_rng = jax.random.split(rng)
+  dummy = jnp.zeros((1, max_length), jnp.int32)
+  if params is None:
+    params = model.init(init_rng, dummy, dummy, jnp.ones_like(dummy))['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                    rng=state_rng)

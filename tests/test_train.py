@@ -1,0 +1,142 @@
+"""Engine tests: learning, gradient accumulation, sharding equivalence, kill-and-resume."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mkdm_jax  # noqa: F401
+import jax
+import jax.numpy as jnp
+
+from mkdm_jax import models, train
+from mkdm_jax.train.optim import decay_mask, layerwise_scales, make_optimizer
+from mkdm_jax.train.step import LossConfig, init_state, make_train_step
+
+HARNESS = Path(__file__).with_name('train_harness.py')
+TINY = models.BertConfig(vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=32, hidden_dropout=0.0,
+                         attention_dropout=0.0)
+
+
+def synthetic_batch(n, length=16, seed=0):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(5, 128, (n, length)).astype(np.int32)
+  return {'input_ids': ids, 'token_type_ids': np.zeros_like(ids),
+          'attention_mask': np.ones_like(ids), 'labels': (ids[:, 1] > 64).astype(np.int32),
+          'weight': np.ones(n, np.float32)}
+
+
+def test_tiny_model_overfits_64_examples():
+  model = models.Classifier(TINY, num_classes=2)
+  optimizer, schedule = make_optimizer(None, learning_rate=1e-3, total_steps=300, decay='constant',
+                                       weight_decay=0.0)
+  state = init_state(model, optimizer, jax.random.PRNGKey(0))
+  step = jax.jit(make_train_step(model, optimizer, schedule, LossConfig()), donate_argnums=(0,))
+  batch = synthetic_batch(64)
+  for i in range(300):
+    state, m = step(state, batch)
+    if float(m['accuracy']) == 1.0 and float(m['loss']) < 0.05:
+      break
+  assert float(m['accuracy']) == 1.0, f'accuracy {float(m["accuracy"])} after {i + 1} steps'
+
+
+def test_gradient_accumulation_equals_large_batch():
+  model = models.Classifier(TINY, num_classes=2, num_heads=2)
+  batch = synthetic_batch(16)
+  batch['teacher_logits'] = np.random.default_rng(1).normal(size=(16, 2, 2)).astype(np.float32)
+  config = LossConfig(teacher_mode='per_head', temperature=2.0)
+  results = []
+  for accumulate, micro in ((1, 16), (4, 4)):
+    optimizer, schedule = make_optimizer(None, learning_rate=1e-3, total_steps=10, accumulate=accumulate)
+    state = init_state(model, optimizer, jax.random.PRNGKey(0))
+    step = jax.jit(make_train_step(model, optimizer, schedule, config, accumulate=accumulate))
+    for i in range(0, 16, micro):
+      state, _ = step(state, {k: v[i:i + micro] for k, v in batch.items()})
+    results.append(state.params)
+  changed = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), results[0],
+                         init_state(model, make_optimizer(None, learning_rate=1e-3, total_steps=10)[0],
+                                    jax.random.PRNGKey(0)).params)
+  assert max(jax.tree.leaves(changed)) > 1e-4  # the update really happened
+  diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), *results)
+  assert max(jax.tree.leaves(diffs)) < 1e-5
+
+
+def test_weight_decay_mask_and_layer_decay():
+  model = models.Classifier(TINY, num_classes=2)
+  params = model.init(jax.random.PRNGKey(0), *[jnp.ones((1, 4), jnp.int32)] * 3)['params']
+  mask = decay_mask(params)
+  flat = {'/'.join(str(k.key) for k in p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
+  assert any(v for v in flat.values()) and not all(flat.values())
+  for name, decays in flat.items():
+    if name.endswith('bias') or 'LayerNorm' in name or name.endswith('scale'):
+      assert not decays, name
+  scales = {'/'.join(str(k.key) for k in p): v
+            for p, v in jax.tree_util.tree_leaves_with_path(layerwise_scales(params, 0.5))}
+  top = [v for k, v in scales.items() if 'layer_1' in k]
+  bottom = [v for k, v in scales.items() if 'layer_0' in k]
+  emb = [v for k, v in scales.items() if 'embeddings' in k]
+  assert set(top) == {0.5} and set(bottom) == {0.25} and set(emb) == {0.125}
+
+
+def test_loss_config_rejects_bad_values():
+  with pytest.raises(ValueError, match='alpha'):
+    LossConfig(alpha=1.5)
+  with pytest.raises(ValueError, match='teacher_mode'):
+    LossConfig(teacher_mode='bogus')
+
+
+def run_harness(tmp_path, name, **flags):
+  out = tmp_path / f'{name}.npz'
+  cmd = [sys.executable, str(HARNESS), f'--workdir={tmp_path / name}', f'--out={out}']
+  cmd += [f'--{k}={v}' for k, v in flags.items()]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  return proc, out
+
+
+def assert_same_params(a, b, atol):
+  a, b = np.load(a), np.load(b)
+  assert sorted(a.files) == sorted(b.files)
+  worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a.files)
+  assert worst <= atol, f'max abs param difference {worst}'
+
+
+def test_sharded_training_matches_single_device(tmp_path):
+  """The same 5 steps on 1 device, 8 simulated devices (data parallel) and 4x2 data x fsdp."""
+  runs = {}
+  for name, flags in {'one': dict(devices=1), 'dp8': dict(devices=8),
+                      'fsdp': dict(devices=8, fsdp=2)}.items():
+    proc, runs[name] = run_harness(tmp_path, name, steps=5, dropout=0.0, **flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  assert_same_params(runs['one'], runs['dp8'], 1e-5)
+  assert_same_params(runs['one'], runs['fsdp'], 1e-5)
+
+
+def test_killed_run_resumes_to_identical_params(tmp_path):
+  """2N steps straight == N steps, SIGKILL, rerun (with dropout, so the RNG must resume too)."""
+  proc, straight = run_harness(tmp_path, 'straight', steps=12)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc, _ = run_harness(tmp_path, 'resumed', steps=12, kill_after=7)
+  assert proc.returncode == -9, f'expected SIGKILL, got {proc.returncode}: {proc.stderr[-2000:]}'
+  ckpts = sorted(int(p.name) for p in (tmp_path / 'resumed' / 'ckpt').iterdir() if p.name.isdigit())
+  assert ckpts and max(ckpts) < 12, ckpts
+  proc, resumed = run_harness(tmp_path, 'resumed', steps=12)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'resuming' in proc.stderr
+  assert_same_params(straight, resumed, 0.0)
+  last = lambda name: [json.loads(l) for l in (tmp_path / name / 'metrics.jsonl').read_text().splitlines()][-1]
+  assert last('straight')['loss'] == last('resumed')['loss']
+
+
+@pytest.mark.parametrize('decay', ['linear', 'cosine', 'constant'])
+def test_learning_rate_schedules(decay):
+  from mkdm_jax.train.optim import learning_rate_schedule
+  for warmup in (0, 2):
+    s = learning_rate_schedule(1.0, 10, warmup, decay)
+    assert float(s(warmup)) == pytest.approx(1.0)  # the peak right after warmup, also with none
+    assert float(s(0)) == pytest.approx(1.0 if warmup == 0 else 0.0)
+    assert float(s(10)) == pytest.approx(1.0 if decay == 'constant' else 0.0, abs=1e-6)

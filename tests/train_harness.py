@@ -1,0 +1,73 @@
+"""Subprocess harness for engine tests: trains a tiny BERT on synthetic pairs and saves its params.
+
+  python tests/train_harness.py --workdir=W --out=params.npz [--devices=8 --fsdp=2 --kill_after=7]
+
+Runs in its own process so that tests can simulate devices (XLA_FLAGS must precede jax's import)
+and kill it for real (SIGKILL) part-way through training.
+"""
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+parser = argparse.ArgumentParser()
+parser.add_argument('--workdir', required=True)
+parser.add_argument('--out', required=True)
+parser.add_argument('--devices', type=int, default=1)
+parser.add_argument('--fsdp', type=int, default=1)
+parser.add_argument('--steps', type=int, default=10)
+parser.add_argument('--checkpoint_every', type=int, default=3)
+parser.add_argument('--kill_after', type=int, default=0, help='SIGKILL self after this many batches')
+parser.add_argument('--dropout', type=float, default=0.1)
+args = parser.parse_args()
+logging.basicConfig(level=logging.INFO)
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           f' --xla_force_host_platform_device_count={args.devices}')
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mkdm_jax  # noqa: E402,F401
+import numpy as np  # noqa: E402
+
+from mkdm_jax import models, train  # noqa: E402
+from mkdm_jax.data import Encoded  # noqa: E402
+from mkdm_jax.train import loop  # noqa: E402
+
+
+def synthetic_data(n=64, length=16, seed=0):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(6, length + 1, n).astype(np.int32)
+  mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
+  ids = rng.integers(5, 128, (n, length)).astype(np.int32) * mask
+  labels = (ids[:, 1] > 64).astype(np.int32)
+  return Encoded(input_ids=ids, token_type_ids=np.zeros_like(ids), attention_mask=mask,
+                 lengths=lengths, labels=labels, ids=np.arange(n), groups=None, fingerprint='synthetic')
+
+
+if args.kill_after:
+  real_batches, seen = loop.batches, [0]
+
+  def killing_batches(*a, **kw):
+    for batch in real_batches(*a, **kw):
+      if seen[0] == args.kill_after:
+        time.sleep(1.0)  # let the asynchronous checkpoint writer get somewhere (or not)
+        os.kill(os.getpid(), signal.SIGKILL)
+      seen[0] += 1
+      yield batch
+  loop.batches = killing_batches
+
+config = models.BertConfig(vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=32,
+                           hidden_dropout=args.dropout, attention_dropout=args.dropout)
+model = models.Classifier(config, num_classes=2, num_heads=2)
+data = synthetic_data()
+teacher_logits = np.random.default_rng(1).normal(size=(len(data), 2, 2)).astype(np.float32)
+cfg = train.TrainConfig(batch_size=16, max_steps=args.steps, learning_rate=1e-3, warmup_ratio=0.2,
+                        buckets=(8, 16), checkpoint_every=args.checkpoint_every, progress=False, seed=3)
+params = train.fit(args.workdir, model, data, cfg, train.LossConfig(teacher_mode='per_head', temperature=2.0),
+                   mesh=train.make_mesh(args.fsdp), teacher_logits=teacher_logits)
+flat = {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v)
+        for path, v in __import__('jax').tree_util.tree_leaves_with_path(params)}
+np.savez(args.out, **flat)
