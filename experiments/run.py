@@ -95,6 +95,8 @@ flags.DEFINE_integer('eval_every', 0, 'Dev evaluation every N steps (0 = every e
 flags.DEFINE_integer('fsdp', 1, 'Parameter sharding factor of the device mesh.')
 flags.DEFINE_integer('speed_rows', 1024, 'Eval rows timed for examples_per_sec.')
 flags.DEFINE_boolean('progress', True, 'Show progress bars.')
+flags.DEFINE_string('compilation_cache_dir', None,
+                    'Persistent XLA compilation cache (default: <shared_dir>/cache/xla).')
 
 flags.mark_flag_as_required('workdir')
 
@@ -268,7 +270,7 @@ def fit_model(directory, model, params, encoded, cfg, loss_config, ctx, teacher_
   train.fit(directory, model, encoded, cfg, loss_config, mesh=ctx['mesh'], init_params=params,
             teacher_logits=teacher_logits,
             eval_data=ctx['encoded']['dev'] if eval_data else None,
-            eval_metrics=ctx['task'].metrics, primary_metric=ctx['task'].primary_metric)
+            eval_metrics=ctx['metrics'], primary_metric=ctx['primary'])
   logging.info('%s: trained in %.0f s', directory, time.perf_counter() - t0)
 
 
@@ -407,7 +409,7 @@ def stage_evaluate(ctx):
   """Metrics on the eval split and inference speed of every teacher and student."""
   out_dir = ctx['workdir'] / 'eval'
   out_dir.mkdir(parents=True, exist_ok=True)
-  examples, metric_names = ctx['examples']['eval'], ctx['task'].metrics
+  examples, metric_names = ctx['examples']['eval'], ctx['metrics']
   compute = lambda probs: metrics_lib.compute(metric_names, examples.labels, probs, examples.groups)
   teachers = teacher_dirs(ctx['shared'])
   logits = teacher_logits(ctx, 'eval')
@@ -466,11 +468,13 @@ def main(argv):
   shared = pathlib.Path(FLAGS.shared_dir).absolute() if FLAGS.shared_dir else workdir
   workdir.mkdir(parents=True, exist_ok=True)
   with WorkdirLock(workdir):
-    train.enable_compilation_cache(shared / 'cache' / 'xla')
+    train.enable_compilation_cache(FLAGS.compilation_cache_dir or shared / 'cache' / 'xla')
     task = data_lib.get_task(FLAGS.task)
     examples, encoded, tokenizer_dir = load_data(task, buckets, shared / 'cache' / 'tokens')
+    metric_names, primary = task.metrics_for(examples['eval'])
     ctx = dict(workdir=workdir, shared=shared, task=task, buckets=buckets, examples=examples,
-               encoded=encoded, tokenizer_dir=tokenizer_dir, mesh=train.make_mesh(FLAGS.fsdp))
+               encoded=encoded, tokenizer_dir=tokenizer_dir, mesh=train.make_mesh(FLAGS.fsdp),
+               metrics=metric_names, primary=primary)
     (workdir / 'flags.txt').write_text(FLAGS.flags_into_string())
     stages = dict(teachers=stage_teachers, logits=stage_logits, pretrain=stage_pretrain,
                   distill=stage_distill, evaluate=stage_evaluate, report=stage_report)

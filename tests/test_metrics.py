@@ -65,7 +65,6 @@ def test_groups_may_be_strings_and_unordered():
   assert got == {"map": pytest.approx(0.5), "mrr": pytest.approx(0.5)}
 
 
-@pytest.mark.skipif(not (DATA / "wikiqa").is_dir(), reason=f"real data not found under {DATA}")
 def test_wikiqa_protocol_matches_reference_files():
   test = load_split("wikiqa", "test")
   ref = np.loadtxt(DATA / "wikiqa" / "ref" / "WikiQA-test-filtered.ref", dtype=np.int64)

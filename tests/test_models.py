@@ -57,8 +57,8 @@ def minilm(minilm_dir):
 
 
 def test_bert_matches_transformers(minilm_dir, minilm):
-  torch = pytest.importorskip('torch')
-  transformers = pytest.importorskip('transformers')
+  import torch
+  import transformers
   cfg, params = minilm
   ids, types, mask = encode(load_tokenizer(minilm_dir), PAIRS)
   assert mask.min() == 0  # the batch includes padding
@@ -83,8 +83,8 @@ def test_count_params_matches_checkpoint(minilm_dir, minilm):
 
 
 def test_export_reproduces_combined_logits(minilm_dir, minilm, tmp_path):
-  torch = pytest.importorskip('torch')
-  transformers = pytest.importorskip('transformers')
+  import torch
+  import transformers
   cfg3, enc3 = cut_bottom_layers(*minilm, 3)
   model = Classifier(cfg3, num_classes=2, num_heads=3, combine='learned')
   params = init(model)
@@ -232,7 +232,7 @@ def write_tiny_checkpoint(path, cfg=TINY_BERT):
 
 
 def test_pickle_checkpoint_needs_opt_in(tmp_path):
-  torch = pytest.importorskip('torch')
+  import torch
   params, state = write_tiny_checkpoint(tmp_path)
   torch.save({k: torch.tensor(v) for k, v in state.items()}, tmp_path / 'pytorch_model.bin')
   with pytest.raises(UserError, match='pickle') as err:
@@ -271,7 +271,7 @@ def test_resolve_checkpoint(tmp_path, monkeypatch, minilm_dir):
 
 
 def test_minilm_l3_from_onnx(tmp_path, monkeypatch, minilm_dir):
-  pytest.importorskip('onnx')
+  import onnx  # noqa: F401
   from onnx.reference import ReferenceEvaluator
   from mkdm_jax.models.onnx_import import _packaged_onnx_file
   onnx_file = _packaged_onnx_file()

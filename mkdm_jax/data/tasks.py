@@ -39,6 +39,13 @@ class TaskSpec:
   primary_metric: str
   loader: Callable[..., Examples]
 
+  def metrics_for(self, examples: Examples) -> tuple[list[str], str]:
+    """(metrics, primary metric) computable on `examples`: MAP/MRR need question groups."""
+    if examples.groups is not None:
+      return self.metrics, self.primary_metric
+    names = [m for m in self.metrics if m not in ("map", "mrr")]
+    return names, self.primary_metric if self.primary_metric in names else names[-1]
+
 
 def resolve_data_dir(flag_value=None) -> Path:
   """The data folder: the flag, else $MKDM_DATA_DIR, else an existing ../shared/data beside the
