@@ -38,7 +38,8 @@ flags.DEFINE_list('stages', list(STAGES), f'Stages to run, a subset of {STAGES}.
 flags.DEFINE_string('task', 'wikiqa', 'Task name (see mkdm_jax.data.TASKS).')
 flags.DEFINE_string('data_dir', None, 'Data folder (default: $MKDM_DATA_DIR, then ../shared/data).')
 flags.DEFINE_string('train_split', 'train', 'Training split (or file path for tsv/jsonl tasks).')
-flags.DEFINE_string('dev_split', 'dev', 'Split for model selection during training.')
+flags.DEFINE_string('dev_split', 'dev', "Split for model selection during training ('none': no dev "
+                    'evaluation; the final step is kept and kd_single uses teacher_0).')
 flags.DEFINE_string('eval_split', 'test', 'Split reported in results.json.')
 flags.DEFINE_string('text_a_col', None, 'tsv/jsonl tasks: question column (name or index).')
 flags.DEFINE_string('text_b_col', None, 'tsv/jsonl tasks: passage column (name or index).')
@@ -224,8 +225,9 @@ def load_data(task, buckets, cache_dir):
                                max_rows=max_rows or None, **columns)
 
   examples = {'train': load(FLAGS.train_split, FLAGS.max_train_rows),
-              'dev': load(FLAGS.dev_split, FLAGS.max_eval_rows),
               'eval': load(FLAGS.eval_split, FLAGS.max_eval_rows)}
+  if FLAGS.dev_split != 'none':
+    examples['dev'] = load(FLAGS.dev_split, FLAGS.max_eval_rows)
   if FLAGS.negatives_per_positive:
     examples['train'] = subsample_negatives(examples['train'], FLAGS.negatives_per_positive, FLAGS.seed)
   examples['unlabelled'] = data_lib.make_unlabelled_pairs(examples['train'], FLAGS.unlabelled_extra,
@@ -269,7 +271,7 @@ def fit_model(directory, model, params, encoded, cfg, loss_config, ctx, teacher_
   t0 = time.perf_counter()
   train.fit(directory, model, encoded, cfg, loss_config, mesh=ctx['mesh'], init_params=params,
             teacher_logits=teacher_logits,
-            eval_data=ctx['encoded']['dev'] if eval_data else None,
+            eval_data=ctx['encoded'].get('dev') if eval_data else None,
             eval_metrics=ctx['metrics'], primary_metric=ctx['primary'])
   logging.info('%s: trained in %.0f s', directory, time.perf_counter() - t0)
 
@@ -308,7 +310,7 @@ def stage_logits(ctx):
     if not train.is_complete(directory):
       raise UserError(f'teacher {directory} is not trained yet: run the teachers stage first')
     model, params = None, None
-    for dataset in ('train', 'unlabelled', 'dev', 'eval'):
+    for dataset in ctx['encoded']:
       manifest = store_manifest(ctx, directory, dataset)
       if store.has(f'{directory.name}.{dataset}', manifest):
         continue
@@ -339,7 +341,9 @@ def teacher_logits(ctx, dataset, teachers=None):
 
 def best_teacher(ctx):
   """Index of the teacher with the best dev score (the kd_single teacher)."""
-  scores = [train.load_final(d)[1]['best_score'] or -np.inf for d in teacher_dirs(ctx['shared'])]
+  scores = [train.read_summary(d)['best_score'] for d in teacher_dirs(ctx['shared'])]
+  if None in scores:
+    return 0  # trained without a dev set
   return int(np.argmax(scores))
 
 

@@ -2,8 +2,8 @@
 
   python tests/train_harness.py --workdir=W --out=params.npz [--devices=8 --fsdp=2 --kill_after=7]
 
-Runs in its own process so that tests can simulate devices (XLA_FLAGS must precede jax's import)
-and kill it for real (SIGKILL) part-way through training.
+Runs in its own process so that tests can simulate devices (XLA_FLAGS must precede jax's import),
+join several processes with jax.distributed, and kill it for real (SIGKILL) part-way through training.
 """
 import argparse
 import logging
@@ -16,12 +16,17 @@ from pathlib import Path
 parser = argparse.ArgumentParser()
 parser.add_argument('--workdir', required=True)
 parser.add_argument('--out', required=True)
-parser.add_argument('--devices', type=int, default=1)
+parser.add_argument('--devices', type=int, default=1, help='simulated CPU devices per process')
 parser.add_argument('--fsdp', type=int, default=1)
 parser.add_argument('--steps', type=int, default=10)
 parser.add_argument('--checkpoint_every', type=int, default=3)
 parser.add_argument('--kill_after', type=int, default=0, help='SIGKILL self after this many batches')
 parser.add_argument('--dropout', type=float, default=0.1)
+parser.add_argument('--hidden', type=int, default=32)
+parser.add_argument('--nan_row', type=int, default=-1, help='put NaN into this row\'s teacher logits')
+parser.add_argument('--num_processes', type=int, default=1)
+parser.add_argument('--process_id', type=int, default=0)
+parser.add_argument('--port', type=int, default=0)
 args = parser.parse_args()
 logging.basicConfig(level=logging.INFO)
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -29,11 +34,13 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mkdm_jax  # noqa: E402,F401
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mkdm_jax import models, train  # noqa: E402
 from mkdm_jax.data import Encoded  # noqa: E402
 from mkdm_jax.train import loop  # noqa: E402
+from mkdm_jax.workdir import run_cli  # noqa: E402
 
 
 def synthetic_data(n=64, length=16, seed=0):
@@ -46,7 +53,7 @@ def synthetic_data(n=64, length=16, seed=0):
                  lengths=lengths, labels=labels, ids=np.arange(n), groups=None, fingerprint='synthetic')
 
 
-if args.kill_after:
+def install_kill():
   real_batches, seen = loop.batches, [0]
 
   def killing_batches(*a, **kw):
@@ -58,16 +65,31 @@ if args.kill_after:
       yield batch
   loop.batches = killing_batches
 
-config = models.BertConfig(vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=2,
-                           intermediate_size=64, max_position_embeddings=32,
-                           hidden_dropout=args.dropout, attention_dropout=args.dropout)
-model = models.Classifier(config, num_classes=2, num_heads=2)
-data = synthetic_data()
-teacher_logits = np.random.default_rng(1).normal(size=(len(data), 2, 2)).astype(np.float32)
-cfg = train.TrainConfig(batch_size=16, max_steps=args.steps, learning_rate=1e-3, warmup_ratio=0.2,
-                        buckets=(8, 16), checkpoint_every=args.checkpoint_every, progress=False, seed=3)
-params = train.fit(args.workdir, model, data, cfg, train.LossConfig(teacher_mode='per_head', temperature=2.0),
-                   mesh=train.make_mesh(args.fsdp), teacher_logits=teacher_logits)
-flat = {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(v)
-        for path, v in __import__('jax').tree_util.tree_leaves_with_path(params)}
-np.savez(args.out, **flat)
+
+def main():
+  if args.num_processes > 1:
+    jax.distributed.initialize(coordinator_address=f'127.0.0.1:{args.port}',
+                               num_processes=args.num_processes, process_id=args.process_id,
+                               initialization_timeout=60)
+  if args.kill_after:
+    install_kill()
+  config = models.BertConfig(vocab_size=128, hidden_size=args.hidden, num_layers=2, num_attention_heads=2,
+                             intermediate_size=64, max_position_embeddings=32,
+                             hidden_dropout=args.dropout, attention_dropout=args.dropout)
+  model = models.Classifier(config, num_classes=2, num_heads=2)
+  data = synthetic_data()
+  teacher_logits = np.random.default_rng(1).normal(size=(len(data), 2, 2)).astype(np.float32)
+  if args.nan_row >= 0:
+    teacher_logits[args.nan_row] = np.nan
+  cfg = train.TrainConfig(batch_size=16, max_steps=args.steps, learning_rate=1e-3, warmup_ratio=0.2,
+                          buckets=(8, 16), checkpoint_every=args.checkpoint_every, progress=False, seed=3)
+  params = train.fit(args.workdir, model, data, cfg,
+                     train.LossConfig(teacher_mode='per_head', temperature=2.0),
+                     mesh=train.make_mesh(args.fsdp), teacher_logits=teacher_logits)
+  flat = {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(train.sharding.to_host(v))
+          for path, v in jax.tree_util.tree_leaves_with_path(params)}
+  if jax.process_index() == 0:
+    np.savez(args.out, **flat)
+
+
+run_cli(main)

@@ -9,7 +9,22 @@ import logging
 import jax
 import orbax.checkpoint as ocp
 
+from mkdm_jax.errors import UserError
+
 log = logging.getLogger(__name__)
+
+
+def _shapes_by_name(tree):
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def shape_mismatches(saved_params, expected_params):
+  """Lines naming every parameter whose saved shape differs from the model's (or is missing)."""
+  saved, expected = _shapes_by_name(saved_params), _shapes_by_name(expected_params)
+  lines = [f'  {name}: checkpoint {saved.get(name, "missing")}, model {expected.get(name, "missing")}'
+           for name in sorted(set(saved) | set(expected)) if saved.get(name) != expected.get(name)]
+  return lines
 
 
 def abstract_like(tree, shardings):
@@ -39,8 +54,20 @@ class Checkpointer:
                    metrics={'score': float(score)}, force=True)
 
   def restore_latest(self, abstract_state):
-    """(state, meta) of the newest checkpoint that restores, or None when there is none."""
+    """(state, meta) of the newest checkpoint that restores, or None when there is none.
+
+    A checkpoint of a different model (parameter shapes differ from `abstract_state.params`) is an
+    error naming the parameters, not a reason to start over: the flags changed under the same work dir.
+    """
     for step in sorted(self.states.all_steps(), reverse=True):
+      try:
+        saved = self.states.item_metadata(step)['state'].tree['params']
+      except Exception:  # noqa: BLE001 - unreadable metadata: the restore below reports it
+        saved = None
+      if saved is not None and (mismatches := shape_mismatches(saved, abstract_state.params)):
+        raise UserError(f'checkpoint {self.states.directory / str(step)} does not match the model '
+                        f'(flags changed under the same work directory?):\n' + '\n'.join(mismatches[:20])
+                        + '\nUse a new --workdir, or restore the original flags.')
       try:
         restored = self.states.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))

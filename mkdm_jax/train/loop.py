@@ -4,6 +4,7 @@
 position is derived from the step (the same seed and epoch give the same batches), so a resumed run
 sees exactly the batches an uninterrupted one would.
 """
+import contextlib
 import dataclasses
 import functools
 import json
@@ -59,11 +60,38 @@ class TrainConfig:
 
 
 class Preempted(Exception):
-  """SIGTERM arrived; a checkpoint of `step` was saved before exiting."""
+  """SIGTERM arrived; training saved a checkpoint of `step` first (inference has nothing to save)."""
 
-  def __init__(self, step):
-    super().__init__(f'preempted by SIGTERM: saved a checkpoint at step {step}; rerun to resume')
+  def __init__(self, step=None):
+    saved = f'saved a checkpoint at step {step}' if step is not None else 'stopped during inference'
+    super().__init__(f'preempted by SIGTERM: {saved}; rerun the same command to resume')
     self.step = step
+
+
+_SIGTERM = {'depth': 0, 'seen': False}
+
+
+@contextlib.contextmanager
+def sigterm_guard():
+  """While active, SIGTERM only raises a flag (`preempted()`), checked between steps.
+
+  Nested guards (an evaluation inside `fit`) share the outermost one; yields True when outermost.
+  """
+  outermost = _SIGTERM['depth'] == 0
+  if outermost:
+    _SIGTERM['seen'] = False
+    previous = signal.signal(signal.SIGTERM, lambda *_: _SIGTERM.update(seen=True))
+  _SIGTERM['depth'] += 1
+  try:
+    yield outermost
+  finally:
+    _SIGTERM['depth'] -= 1
+    if outermost:
+      signal.signal(signal.SIGTERM, previous)
+
+
+def preempted():
+  return _SIGTERM['seen']
 
 
 class NonFiniteLoss(UserError):
@@ -95,10 +123,14 @@ def load_params(path, abstract=None):
     return ckptr.restore(path, abstract) if abstract is not None else ckptr.restore(path)
 
 
+def read_summary(workdir):
+  """The DONE.json summary of a finished `fit`: steps, best_score, last_eval."""
+  return json.loads((Path(workdir) / DONE_FILE).read_text())
+
+
 def load_final(workdir):
   """Params and summary of a finished `fit` in `workdir`."""
-  summary = json.loads((Path(workdir) / DONE_FILE).read_text())
-  return load_params(Path(workdir) / 'final'), summary
+  return load_params(Path(workdir) / 'final'), read_summary(workdir)
 
 
 def _write_json_atomic(path, obj):
@@ -118,6 +150,23 @@ def predict(model, params, data, *, mesh, batch_size=128, buckets=(32, 64, 128),
   out = {}
   total = num_batches(data, batch_size)
   positions = {'position': np.arange(len(data), dtype=np.int32)}
+  with sigterm_guard() as outermost:
+    for batch in _predict_batches(data, batch_size, buckets, positions, total, desc):
+      if outermost and preempted():
+        raise Preempted()
+      device_batch = sharding.put_batch(mesh, batch)
+      result = eval_step(params, device_batch)
+      rows = sharding.to_host(device_batch['position'])
+      keep = sharding.to_host(device_batch['weight']) > 0
+      for name, value in result.items():
+        value = sharding.to_host(value)
+        if name not in out:
+          out[name] = np.zeros((len(data),) + value.shape[1:], np.float32)
+        out[name][rows[keep]] = value[keep]
+  return out
+
+
+def _predict_batches(data, batch_size, buckets, positions, total, desc):
   for batch in tqdm(batches(data, batch_size, seed=0, epoch=0, shuffle=False, buckets=buckets,
                             process_index=jax.process_index(), process_count=jax.process_count(),
                             extra=positions),
@@ -125,16 +174,7 @@ def predict(model, params, data, *, mesh, batch_size=128, buckets=(32, 64, 128),
                     leave=False):
     for key in HOST_ONLY_KEYS:
       batch.pop(key, None)
-    device_batch = sharding.put_batch(mesh, batch)
-    result = eval_step(params, device_batch)
-    rows = sharding.to_host(device_batch['position'])
-    keep = sharding.to_host(device_batch['weight']) > 0
-    for name, value in result.items():
-      value = sharding.to_host(value)
-      if name not in out:
-        out[name] = np.zeros((len(data),) + value.shape[1:], np.float32)
-      out[name][rows[keep]] = value[keep]
-  return out
+    yield batch
 
 
 def softmax(logits):
@@ -200,8 +240,6 @@ def fit(workdir, model, train, cfg: TrainConfig, loss_config: LossConfig, *, mes
 
   writer = SummaryWriter(str(workdir / 'tb')) if is_main else None
   metrics_file = open(workdir / 'metrics.jsonl', 'a') if is_main else None
-  preempted = []
-  previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
 
   def record(values, kind):
     if not is_main:
@@ -221,62 +259,63 @@ def fit(workdir, model, train, cfg: TrainConfig, loss_config: LossConfig, *, mes
              disable=not cfg.progress or not is_main, dynamic_ncols=True)
   last_eval, window_start, window_examples = {}, time.perf_counter(), 0
   try:
-    while step < total_steps:
-      epoch, start = divmod(step, steps_per_epoch)
-      for batch in batches(train, cfg.batch_size, seed=cfg.seed, epoch=epoch, buckets=cfg.buckets,
-                           start_batch=start, process_index=jax.process_index(),
-                           process_count=jax.process_count(), extra=extra):
-        if step >= total_steps:
-          break
-        if cfg.profile_steps and step == cfg.profile_steps[0]:
-          jax.profiler.start_trace(str(workdir / 'profile'))
-        for key in HOST_ONLY_KEYS:
-          batch.pop(key, None)
-        state, measurements = train_step(state, sharding.put_batch(mesh, batch), teacher_params)
-        step += 1
-        measurements = jax.device_get(measurements)
-        if not np.isfinite(measurements['loss']):
-          raise NonFiniteLoss(
-              f'non-finite loss ({measurements["loss"]}) at step {step} in {workdir}; training '
-              f'stopped and the last good checkpoint (step {ckpt.states.latest_step()}) is kept. '
-              'Lower the learning rate or check the inputs and teacher logits.')
-        if cfg.profile_steps and step == cfg.profile_steps[-1]:
-          jax.profiler.stop_trace()
-        window_examples += cfg.batch_size
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == total_steps:
-          elapsed = time.perf_counter() - window_start
-          values = {k: float(v) for k, v in measurements.items()}
-          values['examples_per_sec'] = window_examples / max(elapsed, 1e-9)
-          record(values, 'train')
-          bar.set_postfix(loss=f'{values["loss"]:.4f}', ex_s=f'{values["examples_per_sec"]:.1f}')
-          window_start, window_examples = time.perf_counter(), 0
-        eval_now = (step % cfg.eval_every == 0) if cfg.eval_every else (step % steps_per_epoch == 0)
-        if eval_data is not None and (eval_now or step == total_steps):
-          last_eval = evaluate(model, state.params, eval_data, eval_metrics, mesh=mesh,
-                               buckets=cfg.buckets)
-          record(last_eval, 'eval')
-          score = last_eval[primary_metric]
-          if best_score is None or score > best_score:
-            best_score = score
-            ckpt.save_best(step, state.params, score)
-        if step % cfg.checkpoint_every == 0 or step == total_steps:
-          save()
-        if preempted:
-          save(force=True)
-          ckpt.wait()
-          raise Preempted(step)
-    ckpt.wait()
-    params = state.params
-    if cfg.select_best and eval_data is not None:
-      params = ckpt.restore_best(checkpoint.abstract_like(abstract.params, state_shardings.params))
-    save_params(workdir / 'final', params)
-    if is_main:
-      _write_json_atomic(workdir / DONE_FILE, {'steps': step, 'best_score': best_score,
-                                                'last_eval': last_eval})
-    return params
+    with sigterm_guard():
+      while step < total_steps:
+        epoch, start = divmod(step, steps_per_epoch)
+        for batch in batches(train, cfg.batch_size, seed=cfg.seed, epoch=epoch, buckets=cfg.buckets,
+                             start_batch=start, process_index=jax.process_index(),
+                             process_count=jax.process_count(), extra=extra):
+          if step >= total_steps:
+            break
+          if cfg.profile_steps and step == cfg.profile_steps[0]:
+            jax.profiler.start_trace(str(workdir / 'profile'))
+          for key in HOST_ONLY_KEYS:
+            batch.pop(key, None)
+          state, measurements = train_step(state, sharding.put_batch(mesh, batch), teacher_params)
+          step += 1
+          measurements = jax.device_get(measurements)
+          if not np.isfinite(measurements['loss']):
+            raise NonFiniteLoss(
+                f'non-finite loss ({measurements["loss"]}) at step {step} in {workdir}; training '
+                f'stopped and the last good checkpoint (step {ckpt.states.latest_step()}) is kept. '
+                'Lower the learning rate or check the inputs and teacher logits.')
+          if cfg.profile_steps and step == cfg.profile_steps[-1]:
+            jax.profiler.stop_trace()
+          window_examples += cfg.batch_size
+          bar.update(1)
+          if step % cfg.log_every == 0 or step == total_steps:
+            elapsed = time.perf_counter() - window_start
+            values = {k: float(v) for k, v in measurements.items()}
+            values['examples_per_sec'] = window_examples / max(elapsed, 1e-9)
+            record(values, 'train')
+            bar.set_postfix(loss=f'{values["loss"]:.4f}', ex_s=f'{values["examples_per_sec"]:.1f}')
+            window_start, window_examples = time.perf_counter(), 0
+          eval_now = (step % cfg.eval_every == 0) if cfg.eval_every else (step % steps_per_epoch == 0)
+          if eval_data is not None and (eval_now or step == total_steps):
+            last_eval = evaluate(model, state.params, eval_data, eval_metrics, mesh=mesh,
+                                 buckets=cfg.buckets)
+            record(last_eval, 'eval')
+            score = last_eval[primary_metric]
+            if best_score is None or score > best_score:
+              best_score = score
+              ckpt.save_best(step, state.params, score)
+          if step % cfg.checkpoint_every == 0 or step == total_steps:
+            save()
+          if preempted():
+            if ckpt.states.latest_step() != step:
+              save(force=True)
+            ckpt.wait()
+            raise Preempted(step)
+      ckpt.wait()
+      params = state.params
+      if cfg.select_best and eval_data is not None:
+        params = ckpt.restore_best(checkpoint.abstract_like(abstract.params, state_shardings.params))
+      save_params(workdir / 'final', params)
+      if is_main:
+        _write_json_atomic(workdir / DONE_FILE, {'steps': step, 'best_score': best_score,
+                                                  'last_eval': last_eval})
+      return params
   finally:
-    signal.signal(signal.SIGTERM, previous_handler)
     bar.close()
     ckpt.close()
     if is_main:

@@ -1,0 +1,52 @@
+"""Runs experiments/run.py and interrupts it for real at a chosen point (reliability tests).
+
+  python tests/kill_wrapper.py POINT COUNT experiments/run.py --flags...
+
+POINT is where the COUNT-th event sends the signal to this very process:
+  batch        SIGKILL while training/inference batches are produced (COUNT-th batch of the run)
+  logit_write  SIGKILL right after the COUNT-th teacher-logit store write
+  ckpt_save    SIGKILL right after the COUNT-th checkpoint save was started (the asynchronous
+               write is in flight: a kill during a checkpoint write)
+  sigterm      SIGTERM at the COUNT-th batch (preemption: the run must save and exit 143)
+"""
+import os
+import runpy
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+point, count, script, *rest = sys.argv[1:]
+count = int(count)
+seen = [0]
+
+
+def hit(sig=signal.SIGKILL):
+  seen[0] += 1
+  if seen[0] == count:
+    os.kill(os.getpid(), sig)
+
+
+import mkdm_jax  # noqa: E402,F401
+from mkdm_jax.data import LogitStore  # noqa: E402
+from mkdm_jax.train import checkpoint, loop  # noqa: E402
+
+if point in ('batch', 'sigterm'):
+  real_batches = loop.batches
+
+  def counted_batches(*a, **kw):
+    for batch in real_batches(*a, **kw):
+      hit(signal.SIGTERM if point == 'sigterm' else signal.SIGKILL)
+      yield batch
+  loop.batches = counted_batches
+elif point == 'logit_write':
+  real_write = LogitStore.write
+  LogitStore.write = lambda self, *a, **kw: (real_write(self, *a, **kw), hit())[0]
+elif point == 'ckpt_save':
+  real_save = checkpoint.Checkpointer.save
+  checkpoint.Checkpointer.save = lambda self, *a, **kw: (real_save(self, *a, **kw), hit())[0]
+else:
+  raise SystemExit(f'unknown point {point}')
+
+sys.argv = [script, *rest]
+runpy.run_path(script, run_name='__main__')
