@@ -77,6 +77,10 @@ flags.DEFINE_enum('soft_loss', 'kl', ['kl', 'ce', 'mse'], 'Soft-label loss.')
 flags.DEFINE_enum('teacher_weighting', 'uniform', ['uniform', 'fixed', 'confidence'],
                   'Per-teacher weights w_t.')
 flags.DEFINE_list('teacher_weights', [], "Fixed per-teacher weights (with --teacher_weighting=fixed).")
+flags.DEFINE_boolean('online_teachers', False,
+                     'Run the frozen teachers inside the train step instead of reading the logit store.')
+flags.DEFINE_float('hidden_weight', 0.0, 'Weight of the hidden-state MSE term (needs --online_teachers).')
+flags.DEFINE_float('attention_weight', 0.0, 'Weight of the attention-map KL term (needs --online_teachers).')
 # Optimisation.
 flags.DEFINE_integer('batch_size', 32, 'Global batch size.')
 flags.DEFINE_integer('eval_batch_size', 128, 'Inference batch size.')
@@ -124,6 +128,10 @@ def validate_flags():
        f'--students: {FLAGS.students}; each must be bert<k> (e.g. bert3) or bilstm'),
       (len(FLAGS.random_bert) == 4, '--random_bert needs 4 values: layers, hidden, heads, intermediate'),
       (FLAGS.accumulate >= 1, '--accumulate must be >= 1'),
+      (FLAGS.online_teachers or not (FLAGS.hidden_weight or FLAGS.attention_weight),
+       '--hidden_weight/--attention_weight need --online_teachers (teacher hidden states are not stored)'),
+      (not (FLAGS.hidden_weight or FLAGS.attention_weight) or 'bilstm' not in FLAGS.students,
+       '--hidden_weight/--attention_weight apply to bert<k> students only, not bilstm'),
   ]
   for ok, message in checks:
     if not ok:
@@ -259,9 +267,11 @@ def train_config(epochs, learning_rate, seed, buckets):
       checkpoint_every=FLAGS.checkpoint_every, eval_every=FLAGS.eval_every, progress=FLAGS.progress)
 
 
-def fit_model(directory, model, params, encoded, cfg, loss_config, ctx, teacher_logits=None,
-              eval_data=True):
-  """Runs (or resumes, or skips when finished) one training run and saves a model folder."""
+def fit_model(directory, model, params, encoded, cfg, loss_config, ctx, eval_data=True, teachers=None):
+  """Runs (or resumes, or skips when finished) one training run and saves a model folder.
+
+  `teachers`: a `teacher_inputs` callable, or None (gold labels only).
+  """
   saved_model.write_spec(directory, model, tokenizer_dir=ctx['tokenizer_dir'],
                          max_length=FLAGS.max_length, task=FLAGS.task,
                          label_names=ctx['task'].label_names)
@@ -270,8 +280,7 @@ def fit_model(directory, model, params, encoded, cfg, loss_config, ctx, teacher_
     return
   t0 = time.perf_counter()
   train.fit(directory, model, encoded, cfg, loss_config, mesh=ctx['mesh'], init_params=params,
-            teacher_logits=teacher_logits,
-            eval_data=ctx['encoded'].get('dev') if eval_data else None,
+            **(teachers() if teachers else {}), eval_data=ctx['encoded'].get('dev') if eval_data else None,
             eval_metrics=ctx['metrics'], primary_metric=ctx['primary'])
   logging.info('%s: trained in %.0f s', directory, time.perf_counter() - t0)
 
@@ -339,6 +348,19 @@ def teacher_logits(ctx, dataset, teachers=None):
   return np.stack(stacked, axis=1)
 
 
+def teacher_inputs(ctx, dataset, teachers=None):
+  """A callable giving fit()'s teacher arguments for the chosen teachers (default all): their stored
+  logits, or with --online_teachers the frozen models run inside the train step. Deferred, so that
+  finished runs load nothing."""
+  def load():
+    if not FLAGS.online_teachers:
+      return {'teacher_logits': teacher_logits(ctx, dataset, teachers)}
+    dirs = teacher_dirs(ctx['shared'])
+    loaded = [saved_model.load(dirs[i])[:2] for i in (teachers or range(len(dirs)))]
+    return {'teacher_models': tuple(m for m, _ in loaded), 'teacher_params': tuple(p for _, p in loaded)}
+  return load
+
+
 def best_teacher(ctx):
   """Index of the teacher with the best dev score (the kd_single teacher)."""
   scores = [train.read_summary(d)['best_score'] for d in teacher_dirs(ctx['shared'])]
@@ -359,33 +381,34 @@ def distill_loss_config(teacher_mode):
   return train.LossConfig(
       teacher_mode=teacher_mode, soft=FLAGS.soft_loss, alpha=FLAGS.alpha,
       temperature=FLAGS.temperature, weighting=FLAGS.teacher_weighting,
-      fixed_weights=tuple(float(w) for w in FLAGS.teacher_weights) or None)
+      fixed_weights=tuple(float(w) for w in FLAGS.teacher_weights) or None,
+      hidden_weight=FLAGS.hidden_weight if teacher_mode != 'none' else 0.0,
+      attention_weight=FLAGS.attention_weight if teacher_mode != 'none' else 0.0)
 
 
 def stage_pretrain(ctx):
   """TMKD stage 1: every teacher's soft labels on unlabelled pairs, one head per teacher."""
   if 'tmkd' not in FLAGS.methods:
     return
-  logits = teacher_logits(ctx, 'unlabelled')
   for arch in FLAGS.students:
     model, params = student_model(arch, ctx['task'].num_classes, FLAGS.num_teachers)
     fit_model(student_dir(ctx, arch, 'tmkd_stage1'), model, params, ctx['encoded']['unlabelled'],
               train_config(FLAGS.pretrain_epochs, student_learning_rate(arch), FLAGS.seed, ctx['buckets']),
-              distill_loss_config('per_head'), ctx, teacher_logits=logits, eval_data=False)
+              distill_loss_config('per_head'), ctx, eval_data=False,
+              teachers=teacher_inputs(ctx, 'unlabelled'))
 
 
 def stage_distill(ctx):
   """Stage 2: every method x student architecture, the same budget and seed."""
-  all_logits = teacher_logits(ctx, 'train') if set(FLAGS.methods) != {'student_scratch'} else None
   for arch in FLAGS.students:
     for method in FLAGS.methods:
       num_heads = FLAGS.num_teachers if method in ('mkdm', 'tmkd') else 1
       model, params = student_model(arch, ctx['task'].num_classes, num_heads)
-      logits, mode = all_logits, 'per_head'
+      teachers, mode = teacher_inputs(ctx, 'train'), 'per_head'
       if method == 'student_scratch':
-        logits, mode = None, 'none'
+        teachers, mode = None, 'none'
       elif method == 'kd_single':
-        logits = all_logits[:, [best_teacher(ctx)]]
+        teachers = teacher_inputs(ctx, 'train', [best_teacher(ctx)])
       elif method == 'kd_ensemble':
         mode = 'ensemble'
       elif method == 'tmkd':
@@ -395,7 +418,7 @@ def stage_distill(ctx):
         params = train.load_final(stage1)[0]
       cfg = train_config(FLAGS.student_epochs, student_learning_rate(arch), FLAGS.seed, ctx['buckets'])
       fit_model(student_dir(ctx, arch, method), model, params, ctx['encoded']['train'], cfg,
-                distill_loss_config(mode), ctx, teacher_logits=logits)
+                distill_loss_config(mode), ctx, teachers=teachers)
 
 
 def measure_speed(model, params, ctx):

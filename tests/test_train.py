@@ -140,3 +140,36 @@ def test_learning_rate_schedules(decay):
     assert float(s(warmup)) == pytest.approx(1.0)  # the peak right after warmup, also with none
     assert float(s(0)) == pytest.approx(1.0 if warmup == 0 else 0.0)
     assert float(s(10)) == pytest.approx(1.0 if decay == 'constant' else 0.0, abs=1e-6)
+
+
+def test_online_teachers_equal_stored_logits_and_intermediate_terms_train():
+  """Teachers run inside the step give the same loss as their precomputed logits; with hidden-state
+  and attention terms (and a learned projection for a narrower student) training still runs."""
+  teacher_cfg = TINY
+  teachers = [models.Classifier(teacher_cfg, num_classes=2) for _ in range(2)]
+  dummy = jnp.ones((1, 4), jnp.int32)
+  teacher_params = tuple(t.init(jax.random.PRNGKey(i), dummy, dummy, dummy)['params']
+                         for i, t in enumerate(teachers))
+  student = models.Classifier(TINY, num_classes=2, num_heads=2)
+  batch = synthetic_batch(8)
+  stored = jnp.stack([t.apply({'params': p}, batch['input_ids'], batch['token_type_ids'],
+                              batch['attention_mask'])['logits'] for t, p in zip(teachers, teacher_params)], 1)
+  config = LossConfig(teacher_mode='per_head', temperature=2.0)
+  optimizer, schedule = make_optimizer(None, learning_rate=1e-3, total_steps=10)
+  state = init_state(student, optimizer, jax.random.PRNGKey(0))
+  _, offline = make_train_step(student, optimizer, schedule, config)(state, {**batch, 'teacher_logits': stored})
+  _, online = make_train_step(student, optimizer, schedule, config, tuple(teachers))(state, batch, teacher_params)
+  np.testing.assert_allclose(offline['loss'], online['loss'], rtol=1e-6)
+
+  import dataclasses
+  narrow = models.Classifier(dataclasses.replace(TINY, hidden_size=16, num_layers=1), num_classes=2, num_heads=2)
+  params = train.loop.with_hidden_projection(
+      narrow.init(jax.random.PRNGKey(0), dummy, dummy, dummy)['params'], narrow, teachers[0], jax.random.PRNGKey(1))
+  assert params['hidden_projection'].shape == (16, 32)
+  config = LossConfig(teacher_mode='per_head', hidden_weight=1.0, attention_weight=1.0)
+  optimizer, schedule = make_optimizer(params, learning_rate=1e-3, total_steps=10)
+  state = init_state(narrow, optimizer, jax.random.PRNGKey(0), params=params)
+  step = jax.jit(make_train_step(narrow, optimizer, schedule, config, tuple(teachers)))
+  state, m = step(state, batch, teacher_params)
+  assert np.isfinite(float(m['loss'])) and float(m['hidden_mse']) > 0 and float(m['attention_kl']) > 0
+  assert float(jnp.abs(state.params['hidden_projection'] - params['hidden_projection']).max()) > 0

@@ -193,6 +193,16 @@ def evaluate(model, params, data, metric_names, *, mesh, batch_size=128, buckets
   return result
 
 
+def with_hidden_projection(params, model, teacher, rng):
+  """Adds the learned [Ds, Dt] projection of the hidden-state term when the widths differ."""
+  student_width, teacher_width = model.encoder.hidden_size, teacher.encoder.hidden_size
+  if student_width == teacher_width or 'hidden_projection' in params:
+    return params
+  scale = 1.0 / np.sqrt(student_width)
+  projection = scale * jax.random.normal(rng, (student_width, teacher_width), np.float32)
+  return {**params, 'hidden_projection': np.asarray(projection)}
+
+
 def fit(workdir, model, train, cfg: TrainConfig, loss_config: LossConfig, *, mesh, init_params=None,
         teacher_logits=None, teacher_models=(), teacher_params=(), eval_data=None,
         eval_metrics=(), primary_metric=None):
@@ -214,6 +224,8 @@ def fit(workdir, model, train, cfg: TrainConfig, loss_config: LossConfig, *, mes
     init_params = model.init(rng, dummy, dummy, np.ones_like(dummy))['params']
   # A private host copy: the state's buffers are donated each step and must not alias the caller's.
   init_params = jax.tree.map(np.array, init_params)
+  if loss_config.hidden_weight > 0 and teacher_models:
+    init_params = with_hidden_projection(init_params, model, teacher_models[0], rng)
   optimizer, schedule = make_optimizer(
       init_params, learning_rate=cfg.learning_rate, total_steps=updates,
       warmup_steps=int(cfg.warmup_ratio * updates), decay=cfg.lr_decay,
