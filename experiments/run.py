@@ -6,6 +6,7 @@ Every stage writes under --workdir and is skipped on rerun once complete; an int
 resumes from its last checkpoint. Teachers and the teacher-logit store live in --shared_dir (default:
 the work directory) so that ablations can reuse them.
 """
+import contextlib
 import hashlib
 import json
 import pathlib
@@ -72,7 +73,9 @@ flags.DEFINE_boolean('allow_pickle', False, 'Allow pickle checkpoints (they can 
 # Methods and losses.
 flags.DEFINE_list('methods', list(METHODS), f'Student methods, a subset of {METHODS}.')
 flags.DEFINE_float('alpha', 0.5, 'Weight of the soft-label term (1 - alpha on gold labels).')
+flags.DEFINE_float('alpha_end', None, 'If set, alpha moves linearly to this value over each run.')
 flags.DEFINE_float('temperature', 2.0, 'Distillation temperature T.')
+flags.DEFINE_float('temperature_end', None, 'If set, T moves linearly to this value over each run.')
 flags.DEFINE_enum('soft_loss', 'kl', ['kl', 'ce', 'mse'], 'Soft-label loss.')
 flags.DEFINE_enum('teacher_weighting', 'uniform', ['uniform', 'fixed', 'confidence'],
                   'Per-teacher weights w_t.')
@@ -98,6 +101,9 @@ flags.DEFINE_integer('seed', 0, 'Seed of students and data order.')
 flags.DEFINE_integer('checkpoint_every', 200, 'Save a resumable checkpoint every N steps.')
 flags.DEFINE_integer('eval_every', 0, 'Dev evaluation every N steps (0 = every epoch).')
 flags.DEFINE_integer('fsdp', 1, 'Parameter sharding factor of the device mesh.')
+flags.DEFINE_boolean('distributed', False,
+                     'Multi-host run: call jax.distributed.initialize() (auto-detected on TPU pods, '
+                     'SLURM, ...) and feed each host its slice of every batch.')
 flags.DEFINE_integer('speed_rows', 1024, 'Eval rows timed for examples_per_sec.')
 flags.DEFINE_boolean('progress', True, 'Show progress bars.')
 flags.DEFINE_string('compilation_cache_dir', None,
@@ -113,6 +119,10 @@ def validate_flags():
       (set(FLAGS.methods) <= set(METHODS), f'--methods: unknown method in {FLAGS.methods}; choose from {METHODS}'),
       (0.0 <= FLAGS.alpha <= 1.0, f'--alpha={FLAGS.alpha} must lie in [0, 1]'),
       (FLAGS.temperature > 0, f'--temperature={FLAGS.temperature} must be > 0'),
+      (FLAGS.alpha_end is None or 0.0 <= FLAGS.alpha_end <= 1.0,
+       f'--alpha_end={FLAGS.alpha_end} must lie in [0, 1]'),
+      (FLAGS.temperature_end is None or FLAGS.temperature_end > 0,
+       f'--temperature_end={FLAGS.temperature_end} must be > 0'),
       (FLAGS.num_teachers >= 1, f'--num_teachers={FLAGS.num_teachers} must be >= 1'),
       (FLAGS.batch_size > 0 and FLAGS.batch_size % jax.device_count() == 0,
        f'--batch_size={FLAGS.batch_size} must be a positive multiple of the {jax.device_count()} devices'),
@@ -379,8 +389,8 @@ def student_learning_rate(arch):
 
 def distill_loss_config(teacher_mode):
   return train.LossConfig(
-      teacher_mode=teacher_mode, soft=FLAGS.soft_loss, alpha=FLAGS.alpha,
-      temperature=FLAGS.temperature, weighting=FLAGS.teacher_weighting,
+      teacher_mode=teacher_mode, soft=FLAGS.soft_loss, alpha=FLAGS.alpha, alpha_end=FLAGS.alpha_end,
+      temperature=FLAGS.temperature, temperature_end=FLAGS.temperature_end, weighting=FLAGS.teacher_weighting,
       fixed_weights=tuple(float(w) for w in FLAGS.teacher_weights) or None,
       hidden_weight=FLAGS.hidden_weight if teacher_mode != 'none' else 0.0,
       attention_weight=FLAGS.attention_weight if teacher_mode != 'none' else 0.0)
@@ -490,11 +500,13 @@ def results_markdown(results):
 def main(argv):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {argv[1:]} (flags must start with --)')
+  if FLAGS.distributed:
+    jax.distributed.initialize()
   buckets = validate_flags()
   workdir = pathlib.Path(FLAGS.workdir).absolute()
   shared = pathlib.Path(FLAGS.shared_dir).absolute() if FLAGS.shared_dir else workdir
   workdir.mkdir(parents=True, exist_ok=True)
-  with WorkdirLock(workdir):
+  with WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
     train.enable_compilation_cache(FLAGS.compilation_cache_dir or shared / 'cache' / 'xla')
     task = data_lib.get_task(FLAGS.task)
     examples, encoded, tokenizer_dir = load_data(task, buckets, shared / 'cache' / 'tokens')

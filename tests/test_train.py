@@ -173,3 +173,19 @@ def test_online_teachers_equal_stored_logits_and_intermediate_terms_train():
   state, m = step(state, batch, teacher_params)
   assert np.isfinite(float(m['loss'])) and float(m['hidden_mse']) > 0 and float(m['attention_kl']) > 0
   assert float(jnp.abs(state.params['hidden_projection'] - params['hidden_projection']).max()) > 0
+
+
+def test_alpha_and_temperature_schedules_follow_the_step():
+  model = models.Classifier(TINY, num_classes=2)
+  batch = synthetic_batch(4)
+  batch['teacher_logits'] = np.zeros((4, 1, 2), np.float32)
+  config = LossConfig(teacher_mode='per_head', alpha=1.0, alpha_end=0.0, temperature=4.0,
+                      temperature_end=2.0, schedule_steps=4)
+  optimizer, schedule = make_optimizer(None, learning_rate=1e-4, total_steps=5)
+  state = init_state(model, optimizer, jax.random.PRNGKey(0))
+  step = jax.jit(make_train_step(model, optimizer, schedule, config))
+  seen = []
+  for _ in range(5):
+    state, m = step(state, batch)
+    seen.append((float(m['alpha']), float(m['temperature'])))
+  np.testing.assert_allclose(seen, [(1, 4), (.75, 3.5), (.5, 3), (.25, 2.5), (0, 2)], atol=1e-6)

@@ -218,6 +218,8 @@ def fit(workdir, model, train, cfg: TrainConfig, loss_config: LossConfig, *, mes
   steps_per_epoch = num_batches(train, cfg.batch_size)
   total_steps = cfg.max_steps or max(math.ceil(cfg.epochs * steps_per_epoch), 1)
   updates = max(total_steps // cfg.accumulate, 1)
+  if not loss_config.schedule_steps:
+    loss_config = dataclasses.replace(loss_config, schedule_steps=updates)
   rng = jax.random.PRNGKey(cfg.seed)
   if init_params is None:
     dummy = np.zeros((1, min(cfg.buckets)), np.int32)

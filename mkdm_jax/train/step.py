@@ -39,7 +39,7 @@ class LossConfig:
   alpha_end: float | None = None  # linear schedule from alpha to alpha_end over schedule_steps
   temperature: float = 1.0
   temperature_end: float | None = None
-  schedule_steps: int = 0
+  schedule_steps: int = 0  # optimiser updates of the schedules; 0: the whole run (set by fit)
   weighting: str = 'uniform'
   fixed_weights: tuple[float, ...] | None = None
   hidden_weight: float = 0.0  # intermediate-layer terms (need online teachers; teacher 0 is used)
