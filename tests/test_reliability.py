@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -78,9 +79,9 @@ def max_param_diff(a, b):
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
   proc, straight = run_harness(tmp_path, 'straight', steps=12)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  proc, _ = run_harness(tmp_path, 'run', steps=10)  # keeps checkpoints 9 and 10
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  latest = tmp_path / 'run' / 'ckpt' / '10'
+  proc, _ = run_harness(tmp_path, 'run', steps=12, kill_after=10)  # leaves checkpoints 6 and 9
+  assert proc.returncode == -9, proc.stderr[-3000:]
+  latest = tmp_path / 'run' / 'ckpt' / '9'
   truncated = 0
   for f in (latest / 'state').rglob('*'):
     if f.is_file() and f.stat().st_size > 64 and 'metadata' not in f.name:
@@ -90,7 +91,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
   proc, resumed = run_harness(tmp_path, 'run', steps=12)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f'checkpoint {latest} is unreadable' in proc.stderr
-  assert 'resuming' in proc.stderr and 'from step 9' in proc.stderr
+  assert 'from step 6' in proc.stderr
   assert max_param_diff(straight, resumed) == 0.0
 
 
@@ -105,16 +106,17 @@ def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
 
 
 def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_path):
-  # Row 40 sits in some batch after the first checkpoints: find the step from the message.
-  proc, _ = run_harness(tmp_path, 'run', steps=12, nan_row=40, checkpoint_every=1)
-  assert proc.returncode == 2, proc.stderr[-3000:]
-  assert 'non-finite loss' in proc.stderr and 'Traceback' not in proc.stderr
-  bad_step = int(proc.stderr.split(' at step ')[1].split()[0])
-  steps = sorted(int(p.name) for p in (tmp_path / 'run' / 'ckpt').iterdir() if p.name.isdigit())
-  assert steps and max(steps) == bad_step - 1
+  from mkdm_jax.data.batching import batch_order
   from mkdm_jax.train import load_params
-  state = load_params(tmp_path / 'run' / 'ckpt' / str(max(steps)) / 'state')
-  import jax
+  from synthetic import synthetic_data
+  # Poison a row of the 4th batch (harness: seed 3, batch 16), so that checkpoints 1-3 exist.
+  order = batch_order(synthetic_data().lengths, 16, seed=3, epoch=0, shuffle=True, drop_remainder=False)
+  proc, _ = run_harness(tmp_path, 'run', steps=12, nan_row=int(order[3][0]), checkpoint_every=1)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert 'non-finite loss (nan) at step 4' in proc.stderr and 'Traceback' not in proc.stderr
+  steps = sorted(int(p.name) for p in (tmp_path / 'run' / 'ckpt').iterdir() if p.name.isdigit())
+  assert steps == [2, 3]  # the two newest good ones are kept; nothing of step 4 was saved
+  state = load_params(tmp_path / 'run' / 'ckpt' / '3' / 'state')
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state['params']))
 
 

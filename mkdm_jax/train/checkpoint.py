@@ -39,11 +39,11 @@ class Checkpointer:
     options = dict(create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save)
     self.states = ocp.CheckpointManager(
         directory / 'ckpt', options=ocp.CheckpointManagerOptions(max_to_keep=keep, **options),
-        item_names=('state', 'meta'))
+        item_handlers={'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()})
     self.best = ocp.CheckpointManager(
         directory / 'best', options=ocp.CheckpointManagerOptions(
             max_to_keep=1, best_fn=lambda m: m['score'], best_mode=best_mode, **options),
-        item_names=('params',))
+        item_handlers={'params': ocp.StandardCheckpointHandler()})
 
   def save(self, step, state, meta, force=False):
     self.states.save(step, args=ocp.args.Composite(
@@ -54,7 +54,7 @@ class Checkpointer:
                    metrics={'score': float(score)}, force=True)
 
   def restore_latest(self, abstract_state):
-    """(state, meta) of the newest checkpoint that restores, or None when there is none.
+    """(state, meta) of the newest checkpoint that restores, or None when there is none at all.
 
     A checkpoint of a different model (parameter shapes differ from `abstract_state.params`) is an
     error naming the parameters, not a reason to start over: the flags changed under the same work dir.
@@ -75,6 +75,9 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
         log.warning('checkpoint %s is unreadable (%s: %s); falling back to the previous one',
                     self.states.directory / str(step), type(e).__name__, str(e)[:200])
+    if self.states.all_steps():
+      raise UserError(f'none of the checkpoints in {self.states.directory} could be restored (see the '
+                      'warnings above); move that folder away to start this run over')
     return None
 
   def restore_best(self, abstract_params):
