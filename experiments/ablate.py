@@ -1,0 +1,224 @@
+"""Ablations: runs experiments/run.py once per swept setting and tabulates and plots one metric.
+
+  python experiments/ablate.py --base_flagfile=experiments/configs/quickstart.flags --workdir=runs/ablate \
+      --sweep=alpha=0.1,0.5,0.9 --sweep=temperature=1,2,4 [--metric=map] [-- --methods=student_scratch,mkdm]
+
+Each value of each --sweep is one variant that changes one flag of the base (sweeps are not crossed):
+  run.py --flagfile=<base> <flags after --> --<flag>=<value> --workdir=<dir>/<flag>=<value> --shared_dir=...
+Flags in SHARED_TEACHER_FLAGS change only the students, so their variants share `<dir>/shared`: the first
+variant trains the teachers and computes their logits, the later ones reuse them. Sweeping --num_teachers
+retrains nothing either: teacher_0..teacher_{k-1} are shared. Any other flag (teacher_epochs, max_length,
+seed, ...) changes the teachers, so each of its variants trains its own, in its work directory.
+
+Writes <dir>/ablation.json (every variant's results), <dir>/ablation.md (per sweep, setting x method) and
+<dir>/ablation_<flag>.png (metric vs setting, one line per method). A variant's log is <variant>/run.log.
+Rerunning the same command resumes: run.py skips finished stages and resumes interrupted training.
+"""
+import json
+import pathlib
+import re
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from absl import app, flags  # noqa: E402
+
+from mkdm_jax.errors import UserError  # noqa: E402
+from mkdm_jax.metrics import METRICS  # noqa: E402
+from mkdm_jax.workdir import WorkdirLock, run_cli  # noqa: E402
+
+RUN_PY = pathlib.Path(__file__).with_name('run.py')
+SHARED_TEACHER_FLAGS = (
+    'alpha', 'temperature', 'soft_loss', 'head_combine', 'teacher_weighting', 'teacher_weights', 'students',
+    'methods', 'num_teachers', 'student_checkpoint', 'student_epochs', 'pretrain_epochs',
+    'student_learning_rate', 'bilstm_learning_rate', 'bilstm_hidden', 'unlabelled_extra', 'eval_split',
+    'online_teachers', 'hidden_weight', 'attention_weight')
+RESERVED_FLAGS = ('workdir', 'shared_dir', 'flagfile')
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('base_flagfile', None, 'run.py flagfile every variant starts from.')
+flags.DEFINE_string('workdir', None, 'Ablation folder: one work directory per variant, plus shared/.')
+flags.DEFINE_multi_string('sweep', [], 'FLAG=V1,V2,...: one variant per value (repeat for more flags).')
+flags.DEFINE_string('metric', None, "Metric tabulated and plotted (default: the task's primary metric).")
+flags.DEFINE_boolean('dry_run', False, 'Print the variants\' run.py commands and stop.')
+
+flags.mark_flags_as_required(['base_flagfile', 'workdir'])
+
+
+def parse_sweeps(specs):
+  """[(flag, [values])] from --sweep values 'flag=v1,v2'."""
+  if not specs:
+    raise UserError('give at least one --sweep=FLAG=V1,V2,...')
+  sweeps = []
+  for spec in specs:
+    flag, _, values = spec.partition('=')
+    values = [v.strip() for v in values.split(',')] if values else []
+    if not re.fullmatch(r'[a-z_][a-z0-9_]*', flag) or not values or '' in values:
+      raise UserError(f'--sweep={spec}: expected FLAG=V1,V2,... (e.g. --sweep=alpha=0.1,0.5,0.9)')
+    if flag in RESERVED_FLAGS:
+      raise UserError(f'--sweep={spec}: --{flag} is set by ablate.py itself')
+    if flag in [f for f, _ in sweeps]:
+      raise UserError(f'--sweep={spec}: --{flag} is swept twice; give all its values in one --sweep')
+    if len(set(values)) != len(values):
+      raise UserError(f'--sweep={spec}: repeated value')
+    sweeps.append((flag, values))
+  return sweeps
+
+
+def parse_extra_flags(args):
+  """run.py flags given after `--`: each must be --name[=value] and not one that ablate.py sets."""
+  for arg in args:
+    name = arg[2:].split('=')[0] if arg.startswith('--') else None
+    if name is None:
+      raise UserError(f'unexpected argument {arg!r}: run.py flags after -- must start with --')
+    if name in RESERVED_FLAGS:
+      raise UserError(f'{arg}: --{name} is set by ablate.py itself')
+  return list(args)
+
+
+def variant_dir(root, flag, value):
+  return root / f"{flag}={re.sub(r'[^A-Za-z0-9._+-]', '_', value)}"
+
+
+def variant_command(base, extra, root, flag, value):
+  """run.py command line of one variant; teacher-side flags keep teachers in the variant's own folder."""
+  workdir = variant_dir(root, flag, value)
+  shared = root / 'shared' if flag in SHARED_TEACHER_FLAGS else workdir
+  return [sys.executable, str(RUN_PY), f'--flagfile={base}', *extra, f'--{flag}={value}',
+          f'--workdir={workdir}', f'--shared_dir={shared}']
+
+
+def check_command(cmd, flag, value):
+  """Lets run.py's flag parser reject a bad flag name or value before anything is trained."""
+  proc = subprocess.run(cmd + ['--only_check_args'], capture_output=True, text=True)
+  if proc.returncode:
+    message = next((line for line in proc.stderr.splitlines() if line.strip()), f'exit {proc.returncode}')
+    raise UserError(f'variant {flag}={value}: run.py rejects its flags: {message}')
+
+
+def run_variant(cmd, workdir, label):
+  """Runs one variant with its output in <workdir>/run.log; UserError with run.py's last line on failure."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  log_path = workdir / 'run.log'
+  print(f'{label}: running (log {log_path})', flush=True)
+  t0 = time.perf_counter()
+  with open(log_path, 'w') as log:
+    returncode = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+  if returncode:
+    lines = [line for line in log_path.read_text().splitlines() if line.strip()]
+    raise UserError(f'{label} failed (exit {returncode}): {lines[-1] if lines else "no output"} '
+                    f'(full log: {log_path})')
+  print(f'{label}: done in {time.perf_counter() - t0:.0f} s', flush=True)
+  return json.loads((workdir / 'results.json').read_text())
+
+
+def summarise(flag, values, results, metric, root):
+  """One sweep's record: per variant its scores by method (student_method when several students)."""
+  students = [{r['student'] for r in res['rows'] if r['student']} for res in results]
+  by_name = any(len(s) > 1 for s in students)
+  columns, variants = [], []
+  for value, res in zip(values, results):
+    scores = {}
+    for row in res['rows']:
+      if row['method'] == 'teacher':
+        continue
+      if metric not in row['metrics']:
+        raise UserError(f'--metric={metric}: not among the metrics {sorted(row["metrics"])} '
+                        f'of {flag}={value}')
+      key = row['name'] if by_name else row['method']
+      scores[key] = row['metrics'][metric]
+      if key not in columns:
+        columns.append(key)
+    variants.append({'value': value, 'workdir': str(variant_dir(root, flag, value)), 'scores': scores,
+                     'rows': res['rows']})
+  return {'flag': flag, 'shares_teachers': flag in SHARED_TEACHER_FLAGS, 'columns': columns,
+          'variants': variants}
+
+
+def markdown(report):
+  lines = [f"# Ablation: `{report['metric']}` on {report['task']} ({report['split']})", '',
+           f"Base: `{report['base_flagfile']}`" + (f" with `{' '.join(report['extra_flags'])}`"
+                                                   if report['extra_flags'] else '') + '.']
+  for sweep in report['sweeps']:
+    columns = sweep['columns']
+    shared = 'shared by all variants' if sweep['shares_teachers'] else 'trained per variant'
+    lines += ['', f"## {sweep['flag']} (teachers {shared})", '',
+              f"| {sweep['flag']} | " + ' | '.join(columns) + ' |', '|' + '---|' * (len(columns) + 1)]
+    for v in sweep['variants']:
+      cells = [f"{v['scores'][c]:.4f}" if c in v['scores'] else '-' for c in columns]
+      lines.append(f"| {v['value']} | " + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def plot(sweep, metric, path):
+  """Metric vs setting, one line per method; numeric settings on a numeric axis."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  values = [v['value'] for v in sweep['variants']]
+  try:
+    xs = [float(v) for v in values]
+  except ValueError:
+    xs = values
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for column in sweep['columns']:
+    points = [(x, v['scores'][column]) for x, v in zip(xs, sweep['variants']) if column in v['scores']]
+    style = '--' if column.endswith('teacher_ensemble') else '-'
+    ax.plot([p[0] for p in points], [p[1] for p in points], style, marker='o', label=column)
+  if xs != values:  # numeric: ticks at the settings, a log axis when they span two decades
+    if min(xs) > 0 and max(xs) >= 100 * min(xs):
+      ax.set_xscale('log')
+    ax.set_xticks(xs, values)
+    ax.minorticks_off()
+  ax.set_xlabel(f"--{sweep['flag']}")
+  ax.set_ylabel(metric)
+  ax.set_title(f"{metric} vs --{sweep['flag']}")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize='small')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  extra = parse_extra_flags(argv[1:])
+  if FLAGS.metric is not None and FLAGS.metric not in METRICS:
+    raise UserError(f'--metric={FLAGS.metric}: unknown; choose from {METRICS}')
+  sweeps = parse_sweeps(FLAGS.sweep)
+  base = pathlib.Path(FLAGS.base_flagfile).absolute()
+  if not base.is_file():
+    raise UserError(f'--base_flagfile={FLAGS.base_flagfile}: no such file')
+  root = pathlib.Path(FLAGS.workdir).absolute()
+  plan = [(flag, value, variant_command(base, extra, root, flag, value))
+          for flag, values in sweeps for value in values]
+  names = [variant_dir(root, flag, value) for flag, value, _ in plan]
+  if len(set(names)) != len(names):
+    raise UserError('two swept values map to the same variant folder; make them differ in letters or digits')
+  for flag, value, cmd in plan:
+    check_command(cmd, flag, value)
+  if FLAGS.dry_run:
+    print('\n'.join(' '.join(cmd) for _, _, cmd in plan))
+    return
+  root.mkdir(parents=True, exist_ok=True)
+  with WorkdirLock(root):
+    results = {}
+    for i, (flag, value, cmd) in enumerate(plan):
+      label = f'[{i + 1}/{len(plan)}] {flag}={value}'
+      results[flag, value] = run_variant(cmd, variant_dir(root, flag, value), label)
+    first = results[plan[0][0], plan[0][1]]
+    metric = FLAGS.metric or first['primary_metric']
+    report = {'base_flagfile': str(base), 'extra_flags': extra, 'metric': metric, 'task': first['task'],
+              'split': first['split'],
+              'sweeps': [summarise(flag, values, [results[flag, v] for v in values], metric, root)
+                         for flag, values in sweeps]}
+    (root / 'ablation.json').write_text(json.dumps(report, indent=1))
+    (root / 'ablation.md').write_text(markdown(report))
+    for sweep in report['sweeps']:
+      plot(sweep, metric, root / f"ablation_{sweep['flag']}.png")
+  print(markdown(report))
+
+
+if __name__ == '__main__':
+  run_cli(lambda: app.run(main))

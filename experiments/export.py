@@ -1,0 +1,40 @@
+"""Exports a saved BERT teacher or student to a Hugging Face `BertForSequenceClassification` folder.
+
+  python experiments/export.py --model=runs/quickstart/students/bert3_mkdm --out=exports/bert3_mkdm
+
+The folder holds config.json (with the task's label names), model.safetensors and the tokenizer files of
+the model's tokenizer. A multi-head student becomes one classifier layer giving its combined logits.
+BiLSTM students have no Hugging Face equivalent and are refused.
+"""
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import mkdm_jax  # noqa: E402,F401  (sets XLA CPU flags before jax is imported)
+from absl import app, flags  # noqa: E402
+
+from mkdm_jax import models, saved_model  # noqa: E402
+from mkdm_jax.errors import UserError  # noqa: E402
+from mkdm_jax.workdir import run_cli  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('model', None, 'Saved model folder (a teacher or student folder of a work directory).')
+flags.DEFINE_string('out', None, 'Output folder (created; must be empty or absent).')
+
+flags.mark_flags_as_required(['model', 'out'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise UserError(f'unexpected arguments: {argv[1:]} (flags must start with --)')
+  out = pathlib.Path(FLAGS.out)
+  if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    raise UserError(f'--out={out} exists and is not an empty folder; choose a new folder')
+  model, params, spec = saved_model.load(FLAGS.model)
+  models.export_hf(out, model, params, tokenizer_dir=spec['tokenizer_dir'], label_names=spec['label_names'])
+  print(f'exported {FLAGS.model} ({spec["task"]}, labels {spec["label_names"]}) to {out}')
+
+
+if __name__ == '__main__':
+  run_cli(lambda: app.run(main))
