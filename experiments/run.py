@@ -138,6 +138,8 @@ def validate_flags():
        f'--students: {FLAGS.students}; each must be bert<k> (e.g. bert3) or bilstm'),
       (len(FLAGS.random_bert) == 4, '--random_bert needs 4 values: layers, hidden, heads, intermediate'),
       (FLAGS.accumulate >= 1, '--accumulate must be >= 1'),
+      (FLAGS.fsdp >= 1 and jax.device_count() % FLAGS.fsdp == 0,
+       f'--fsdp={FLAGS.fsdp} must divide the {jax.device_count()} devices'),
       (FLAGS.online_teachers or not (FLAGS.hidden_weight or FLAGS.attention_weight),
        '--hidden_weight/--attention_weight need --online_teachers (teacher hidden states are not stored)'),
       (not (FLAGS.hidden_weight or FLAGS.attention_weight) or 'bilstm' not in FLAGS.students,
@@ -477,7 +479,8 @@ def stage_evaluate(ctx):
 
 def stage_report(ctx):
   rows = json.loads((ctx['workdir'] / 'eval' / 'rows.json').read_text())
-  results = {'task': FLAGS.task, 'split': FLAGS.eval_split, 'rows': rows}
+  results = {'task': FLAGS.task, 'split': FLAGS.eval_split, 'primary_metric': ctx['primary'],
+             'rows': rows}
   (ctx['workdir'] / 'results.json').write_text(json.dumps(results, indent=1))
   (ctx['workdir'] / 'results.md').write_text(results_markdown(results))
   print(results_markdown(results))

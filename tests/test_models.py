@@ -318,3 +318,17 @@ def test_bf16_compute(encoder):
   if encoder is TINY_BERT:
     assert out['hidden_states'][-1].dtype == jnp.bfloat16
 
+
+
+def test_legacy_gamma_beta_layernorm_names_load(minilm_dir):
+  """Google's hub checkpoints name LayerNorm weights gamma/beta; they load like weight/bias."""
+  import safetensors.numpy
+  from mkdm_jax.models.checkpoints import hf_state_to_encoder_params
+  config, params = load_hf_bert(minilm_dir)
+  state = safetensors.numpy.load_file(str(minilm_dir / 'model.safetensors'))
+  legacy = {k.replace('LayerNorm.weight', 'LayerNorm.gamma').replace('LayerNorm.bias', 'LayerNorm.beta'): v
+            for k, v in state.items()}
+  assert any(k.endswith('LayerNorm.gamma') for k in legacy)
+  renamed = hf_state_to_encoder_params(legacy, config)
+  for a, b in zip(jax.tree.leaves(renamed), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)

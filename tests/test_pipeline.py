@@ -10,7 +10,7 @@ WIKIQA_METRICS = {'accuracy', 'f1', 'auc', 'map', 'mrr'}
 def test_results_json_schema_with_every_method(ci_tiny_run):
   workdir, _ = ci_tiny_run
   results = json.loads((workdir / 'results.json').read_text())
-  assert results['task'] == 'wikiqa' and results['split'] == 'test'
+  assert results['task'] == 'wikiqa' and results['split'] == 'test' and results['primary_metric'] == 'map'
   rows = results['rows']
   for row in rows:
     assert set(row) >= {'name', 'method', 'student', 'params', 'examples_per_sec', 'metrics'}

@@ -84,8 +84,15 @@ def _tensors(kind, dims):
 
 
 def hf_state_to_encoder_params(state, cfg: BertConfig, source='checkpoint'):
-  """HF BertModel state dict (numpy, with or without 'bert.' prefix) -> our encoder params (fp32)."""
+  """HF BertModel state dict (numpy, with or without 'bert.' prefix) -> our encoder params (fp32).
+
+  The original Google checkpoints on the hub (bert-base/large-uncased) name LayerNorm parameters
+  gamma/beta; transformers renames them on load, and so do we.
+  """
+  legacy = {'LayerNorm.gamma': 'LayerNorm.weight', 'LayerNorm.beta': 'LayerNorm.bias'}
   state = {k.removeprefix('bert.'): v for k, v in state.items()}
+  state = {next((k.replace(old, new) for old, new in legacy.items() if k.endswith(old)), k): v
+           for k, v in state.items()}
   params, problems = {}, []
   for hf_mod, path, kind, dims in _hf_modules(cfg):
     for suffix, name, shape, transpose in _tensors(kind, dims):
