@@ -189,3 +189,15 @@ def test_alpha_and_temperature_schedules_follow_the_step():
     state, m = step(state, batch)
     seen.append((float(m['alpha']), float(m['temperature'])))
   np.testing.assert_allclose(seen, [(1, 4), (.75, 3.5), (.5, 3), (.25, 2.5), (0, 2)], atol=1e-6)
+
+
+def test_predict_returns_rows_in_input_order():
+  """predict sorts rows by length internally; outputs must come back in the caller's row order."""
+  from synthetic import synthetic_data
+  data = synthetic_data(n=40)
+  model = models.Classifier(TINY, num_classes=2, num_heads=2)
+  params = model.init(jax.random.PRNGKey(0), *[jnp.ones((1, 4), jnp.int32)] * 3)['params']
+  out = train.predict(model, params, data, mesh=train.make_mesh(), batch_size=16, buckets=(8, 16))
+  expected = model.apply({'params': params}, data.input_ids, data.token_type_ids, data.attention_mask)
+  np.testing.assert_allclose(out['logits'], expected['logits'], atol=1e-5)
+  np.testing.assert_allclose(out['head_logits'], expected['head_logits'], atol=1e-5)
