@@ -106,6 +106,8 @@ flags.DEFINE_boolean('distributed', False,
                      'SLURM, ...) and feed each host its slice of every batch.')
 flags.DEFINE_integer('speed_rows', 1024, 'Eval rows timed for examples_per_sec.')
 flags.DEFINE_boolean('progress', True, 'Show progress bars.')
+flags.DEFINE_list('profile_steps', [], 'FIRST,LAST: write a jax.profiler trace of these steps of every '
+                  'training run to <run dir>/profile (view with TensorBoard or Perfetto).')
 flags.DEFINE_string('compilation_cache_dir', None,
                     'Persistent XLA compilation cache (default: <shared_dir>/cache/xla).')
 
@@ -138,6 +140,7 @@ def validate_flags():
        f'--students: {FLAGS.students}; each must be bert<k> (e.g. bert3) or bilstm'),
       (len(FLAGS.random_bert) == 4, '--random_bert needs 4 values: layers, hidden, heads, intermediate'),
       (FLAGS.accumulate >= 1, '--accumulate must be >= 1'),
+      (len(FLAGS.profile_steps) in (0, 2), '--profile_steps needs two steps: FIRST,LAST'),
       (FLAGS.fsdp >= 1 and jax.device_count() % FLAGS.fsdp == 0,
        f'--fsdp={FLAGS.fsdp} must divide the {jax.device_count()} devices'),
       (FLAGS.online_teachers or not (FLAGS.hidden_weight or FLAGS.attention_weight),
@@ -151,7 +154,7 @@ def validate_flags():
   try:
     buckets = tuple(sorted(int(b) for b in FLAGS.buckets))
     [float(x) for x in FLAGS.teacher_learning_rates + FLAGS.teacher_weights]
-    [int(x) for x in FLAGS.teacher_seeds + FLAGS.random_bert]
+    [int(x) for x in FLAGS.teacher_seeds + FLAGS.random_bert + FLAGS.profile_steps]
   except ValueError as e:
     raise UserError(f'a numeric list flag has a non-number: {e}') from None
   if buckets[-1] > FLAGS.max_length or FLAGS.max_length not in buckets:
@@ -276,7 +279,8 @@ def train_config(epochs, learning_rate, seed, buckets):
       batch_size=FLAGS.batch_size, epochs=epochs, learning_rate=learning_rate,
       warmup_ratio=FLAGS.warmup_ratio, lr_decay=FLAGS.lr_decay, weight_decay=FLAGS.weight_decay,
       layer_decay=FLAGS.layer_decay, accumulate=FLAGS.accumulate, seed=seed, buckets=buckets,
-      checkpoint_every=FLAGS.checkpoint_every, eval_every=FLAGS.eval_every, progress=FLAGS.progress)
+      checkpoint_every=FLAGS.checkpoint_every, eval_every=FLAGS.eval_every, progress=FLAGS.progress,
+      profile_steps=tuple(int(s) for s in FLAGS.profile_steps))
 
 
 def fit_model(directory, model, params, encoded, cfg, loss_config, ctx, eval_data=True, teachers=None):

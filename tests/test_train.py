@@ -201,3 +201,18 @@ def test_predict_returns_rows_in_input_order():
   expected = model.apply({'params': params}, data.input_ids, data.token_type_ids, data.attention_mask)
   np.testing.assert_allclose(out['logits'], expected['logits'], atol=1e-5)
   np.testing.assert_allclose(out['head_logits'], expected['head_logits'], atol=1e-5)
+
+
+def test_fit_writes_logs_profile_and_done(tmp_path):
+  """In-process fit: metrics.jsonl, TensorBoard events, a profiler trace of steps 1-2, DONE.json."""
+  from synthetic import synthetic_data
+  model = models.Classifier(TINY, num_classes=2)
+  cfg = train.TrainConfig(batch_size=16, max_steps=3, learning_rate=1e-3, buckets=(8, 16), log_every=1,
+                          progress=False, profile_steps=(1, 2))
+  train.fit(tmp_path, model, synthetic_data(n=48), cfg, LossConfig(), mesh=train.make_mesh())
+  logged = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [m['step'] for m in logged] == [1, 2, 3]
+  assert {'loss', 'gold', 'accuracy', 'grad_norm', 'learning_rate', 'examples_per_sec'} <= set(logged[0])
+  assert list((tmp_path / 'tb').glob('events.out.tfevents.*'))
+  assert [p for p in (tmp_path / 'profile').rglob('*') if p.is_file()]
+  assert train.read_summary(tmp_path)['steps'] == 3 and train.is_complete(tmp_path)
