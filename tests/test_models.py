@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from mkdm_jax.errors import UserError
-from mkdm_jax.models import (BertConfig, BertEncoder, BiLSTMConfig, Classifier, bilstm_embeddings_from_bert,
-                             build_classifier, count_params, cut_bottom_layers, export_hf, load_hf_bert,
+from mkdm_jax.models.bert import hash_dropout
+from mkdm_jax.models import (BertConfig, BertEncoder, BiLSTMConfig, BiLSTMEncoder, Classifier,
+                             bilstm_embeddings_from_bert, build_classifier, count_params, cut_bottom_layers, export_hf, load_hf_bert,
                              load_tokenizer, resolve_checkpoint)
 
 TINY_BERT = BertConfig(vocab_size=120, hidden_size=16, num_layers=2, num_attention_heads=2,
@@ -175,6 +176,43 @@ def test_dropout_and_hidden_states():
   np.testing.assert_allclose(out['attentions'][1].sum(-1), 1.0, atol=1e-5)
   assert float(jnp.abs(out['attentions'][0] * (1 - mask[:, None, None, :])).max()) == 0.0
   assert 'hidden_states' not in model.apply({'params': params}, ids, types, mask)
+
+
+@pytest.mark.parametrize('rate', [0.1, 0.5])
+def test_hash_dropout_statistics(rate):
+  x = jnp.ones((256, 512), jnp.float32)
+  seed = lambda s: jax.random.bits(jax.random.key(s), (2,), jnp.uint32)
+  out = np.asarray(hash_dropout(x, rate, seed(0)))
+  kept = out != 0
+  n = kept.size
+  assert abs(kept.mean() - (1 - rate)) < 5 * np.sqrt(rate * (1 - rate) / n)
+  np.testing.assert_allclose(out[kept], 1 / (1 - rate), rtol=1e-6)  # inverted dropout keeps the mean
+  # No visible structure: neighbours (along rows, along columns) and other seeds are uncorrelated.
+  k = kept.astype(np.float64)
+  corr = lambda a, b: np.corrcoef(a.ravel(), b.ravel())[0, 1]
+  bound = 5 / np.sqrt(n)
+  assert abs(corr(k[:, 1:], k[:, :-1])) < bound and abs(corr(k[1:], k[:-1])) < bound
+  other = np.asarray(hash_dropout(x, rate, seed(1))) != 0
+  assert abs(corr(k, other.astype(np.float64))) < bound
+  per_row = k.mean(1)  # every row (e.g. every token) gets its own mask, not a shared one
+  assert per_row.std() > 0 and np.unique(k, axis=0).shape[0] == k.shape[0]
+
+
+def test_bilstm_matches_flax_rnn():
+  """The fused two-direction scan equals flax's Bidirectional(RNN(OptimizedLSTMCell)) at real tokens."""
+  import flax.linen as nn
+  ids, types, mask = random_batch(4, length=12)
+  encoder = BiLSTMEncoder(TINY_LSTM)
+  params = encoder.init(jax.random.key(4), ids, types, mask)['params']
+  seq = encoder.apply({'params': params}, ids, types, mask)['sequence']
+  x = params['word_embeddings']['embedding'][ids] + params['token_type_embeddings']['embedding'][types]
+  cell = lambda: nn.OptimizedLSTMCell(TINY_LSTM.hidden_size)
+  reference = nn.Bidirectional(nn.RNN(cell()), nn.RNN(cell()))
+  ref_params = {'forward_rnn': {'cell': params['OptimizedLSTMCell_0']},
+                'backward_rnn': {'cell': params['OptimizedLSTMCell_1']}}
+  expected = reference.apply({'params': ref_params}, x, seq_lengths=mask.sum(-1))
+  real = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(seq)[real], np.asarray(expected)[real], atol=1e-5)
 
 
 def test_bilstm_ignores_padding():

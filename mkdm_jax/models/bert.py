@@ -12,7 +12,9 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mkdm_jax.errors import UserError
 
@@ -69,34 +71,113 @@ class BertConfig:
     }
 
 
+def _mix32(x):
+  """lowbias32 integer hash (C. Wellons): every input bit affects every output bit."""
+  x = (x ^ (x >> 16)) * jnp.uint32(0x7feb352d)
+  x = (x ^ (x >> 15)) * jnp.uint32(0x846ca68b)
+  return x ^ (x >> 16)
+
+
+def hash_dropout(x, rate, seed):
+  """Inverted dropout of x, keeping each element when a hash of (its index, seed: uint32[2]) says so."""
+  index = jax.lax.iota(jnp.uint32, x.size).reshape(x.shape)
+  bits = _mix32(_mix32(index + seed[0]) ^ seed[1])
+  keep = bits >= jnp.uint32(round(rate * 2**32))
+  return jnp.where(keep, x * (1.0 / (1.0 - rate)), 0.0).astype(x.dtype)
+
+
+def dropout_seed(module, rate, deterministic):
+  """uint32[2] seed from the module's 'dropout' rng, or None when dropout is off."""
+  if deterministic or rate == 0.0:
+    return None
+  return jax.random.bits(module.make_rng('dropout'), (2,), jnp.uint32)
+
+
+class Dropout(nn.Module):
+  """Per-element (inverted) dropout like HF BERT's, drawing from a counter-based hash.
+
+  `flax.linen.Dropout` draws threefry bits, which XLA:CPU runs as several memory-bound passes (a
+  fifth of a MiniLM train step's op time here, mostly the attention-probability masks); hashing
+  element indices with a seed from the 'dropout' rng fuses into the consumer as one elementwise
+  pass. Masks are deterministic per rng; tensors must have fewer than 2**32 elements.
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic):
+    if self.rate >= 1.0 and not deterministic:
+      return jnp.zeros_like(x)
+    seed = dropout_seed(self, self.rate, deterministic)
+    return x if seed is None else hash_dropout(x, self.rate, seed)
+
+
+def gelu(x):
+  """Exact GELU in HF's erf form (XLA's erf is a cheap rational; jax.nn.gelu's erfc is not)."""
+  return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(2**-0.5).astype(x.dtype)))
+
+
 def _dense(features, dtype, name):
   return nn.Dense(features, dtype=dtype, kernel_init=nn.initializers.normal(0.02), name=name)
 
 
+# Examples per attention chunk: the largest batch divisor whose fp32 scores fit in this many bytes.
+ATTENTION_CHUNK_BYTES = 4 * 2**20
+
+
+def _attention_chunk(batch, heads, length):
+  fit = max(1, ATTENTION_CHUNK_BYTES // (heads * length * length * 4))
+  return max(c for c in range(1, min(batch, fit) + 1) if batch % c == 0)
+
+
 class BertSelfAttention(nn.Module):
-  """Multi-head self-attention plus output projection; softmax in fp32."""
+  """Multi-head self-attention plus output projection; softmax in fp32. Tokens x: [B*L, D].
+
+  Softmax normalisation is applied to the context, exp(s - max) @ v / sum, not to the [B, heads,
+  L, L] scores (one pass less over them; dropout commutes with the row scaling). At inference the
+  context is computed a few examples at a time (lax.map over batch chunks) so that each chunk's
+  scores stay in cache: on this CPU the attention core then runs about 2.5x faster, as fast as
+  PyTorch's fused scaled_dot_product_attention. Training uses one chunk: under autodiff, stacking
+  the per-chunk residuals cost as much as the chunking saved. The returned probabilities are
+  computed separately, so XLA drops them unless a caller uses them.
+  """
   config: BertConfig
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, mask, deterministic):
     cfg = self.config
-    b, l, d = x.shape
-    h = cfg.num_attention_heads
-    split = lambda t: t.reshape(b, l, h, d // h)
-    q = split(_dense(d, self.dtype, 'query')(x))
+    (b, l), d, h = mask.shape, x.shape[-1], cfg.num_attention_heads
+    split = lambda t: t.reshape(b, l, h, d // h).transpose(0, 2, 1, 3)  # [B, heads, L, d/heads]
+    q = split(_dense(d, self.dtype, 'query')(x) * (d // h) ** -0.5)
     k = split(_dense(d, self.dtype, 'key')(x))
     v = split(_dense(d, self.dtype, 'value')(x))
-    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) * (d // h) ** -0.5
-    scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-    probs = nn.softmax(scores, axis=-1)
-    dropped = nn.Dropout(cfg.attention_dropout)(probs.astype(self.dtype), deterministic=deterministic)
-    ctx = jnp.einsum('bhqk,bkhd->bqhd', dropped, v).reshape(b, l, d)
+    seed = dropout_seed(self, cfg.attention_dropout, deterministic)
+    c = _attention_chunk(b, h, l) if deterministic else b
+
+    def context(args):
+      q, k, v, mask = args
+      scores = jnp.einsum('bhqd,bhkd->bhqk', q, k).astype(jnp.float32)
+      scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+      e = jnp.exp(scores - scores.max(-1, keepdims=True))
+      total = e.sum(-1, keepdims=True)
+      if seed is not None:
+        e = hash_dropout(e, cfg.attention_dropout, seed)
+      ctx = jnp.einsum('bhqk,bhkd->bhqd', e.astype(self.dtype), v)
+      return (ctx / total).astype(self.dtype)
+
+    if c == b:
+      ctx = context((q, k, v, mask))
+    else:  # deterministic: no dropout inside the chunks
+      chunks = lambda t: t.reshape(b // c, c, *t.shape[1:])
+      ctx = jax.lax.map(context, (chunks(q), chunks(k), chunks(v), chunks(mask)))
+    ctx = ctx.reshape(b, h, l, d // h).transpose(0, 2, 1, 3).reshape(b * l, d)
+    scores = jnp.einsum('bhqd,bhkd->bhqk', q, k).astype(jnp.float32)
+    probs = nn.softmax(jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min), axis=-1)
     return _dense(d, self.dtype, 'output')(ctx), probs
 
 
 class BertLayer(nn.Module):
-  """One post-LN transformer layer."""
+  """One post-LN transformer layer on tokens x: [B*L, D]."""
   config: BertConfig
   dtype: Any = jnp.float32
 
@@ -104,16 +185,16 @@ class BertLayer(nn.Module):
   def __call__(self, x, mask, deterministic):
     cfg = self.config
     norm = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name=name)
-    drop = lambda t: nn.Dropout(cfg.hidden_dropout)(t, deterministic=deterministic)
+    drop = lambda t: Dropout(cfg.hidden_dropout)(t, deterministic)
     attn, probs = BertSelfAttention(cfg, self.dtype, name='attention')(x, mask, deterministic)
     x = norm('attention_norm')(x + drop(attn))
-    y = nn.gelu(_dense(cfg.intermediate_size, self.dtype, 'intermediate')(x), approximate=False)
+    y = gelu(_dense(cfg.intermediate_size, self.dtype, 'intermediate')(x))
     y = _dense(cfg.hidden_size, self.dtype, 'output')(y)
     return norm('output_norm')(x + drop(y)), probs
 
 
 class BertEmbeddings(nn.Module):
-  """Word + position + token-type embeddings, LayerNorm, dropout."""
+  """Word + position + token-type embeddings, LayerNorm, dropout; returns tokens [B*L, D]."""
   config: BertConfig
   dtype: Any = jnp.float32
 
@@ -126,8 +207,9 @@ class BertEmbeddings(nn.Module):
     x = (embed(cfg.vocab_size, 'word_embeddings')(input_ids)
          + embed(cfg.max_position_embeddings, 'position_embeddings')(positions)
          + embed(cfg.type_vocab_size, 'token_type_embeddings')(token_type_ids))
+    x = x.reshape(-1, cfg.hidden_size)
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name='norm')(x)
-    return nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+    return Dropout(cfg.hidden_dropout)(x, deterministic)
 
 
 class BertEncoder(nn.Module):
@@ -135,6 +217,8 @@ class BertEncoder(nn.Module):
 
   `hidden_states` is the embeddings output then each layer's output; `attentions` holds fp32
   attention probabilities [B, heads, L, L] per layer (before attention dropout).
+  Layers run on a [B*L, D] token matrix: XLA:CPU reduces 2-D gradients (bias, LayerNorm) several
+  times faster than the same reductions over two axes of [B, L, D].
   """
   config: BertConfig
   dtype: Any = jnp.float32
@@ -143,12 +227,14 @@ class BertEncoder(nn.Module):
   def __call__(self, input_ids, token_type_ids, attention_mask, *, deterministic=True):
     cfg = self.config
     mask = attention_mask.astype(bool)
+    unflatten = lambda t: t.reshape(*mask.shape, cfg.hidden_size)
     x = BertEmbeddings(cfg, self.dtype, name='embeddings')(input_ids, token_type_ids, deterministic)
-    hidden_states, attentions = [x], []
+    hidden_states, attentions = [unflatten(x)], []
     for i in range(cfg.num_layers):
       x, probs = BertLayer(cfg, self.dtype, name=f'layer_{i}')(x, mask, deterministic)
-      hidden_states.append(x)
+      hidden_states.append(unflatten(x))
       attentions.append(probs)
+    x = unflatten(x)
     pooled = jnp.tanh(_dense(cfg.hidden_size, self.dtype, 'pooler')(x[:, 0]))
     return {'sequence': x, 'pooled': pooled, 'hidden_states': tuple(hidden_states),
             'attentions': tuple(attentions)}

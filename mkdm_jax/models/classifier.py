@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mkdm_jax.errors import UserError
-from mkdm_jax.models.bert import BertConfig, BertEncoder
+from mkdm_jax.models.bert import BertConfig, BertEncoder, Dropout
 from mkdm_jax.models.bilstm import BiLSTMConfig, BiLSTMEncoder
 
 COMBINE_MODES = ('mean', 'learned')
@@ -42,7 +42,7 @@ class Classifier(nn.Module):
       enc = BiLSTMEncoder(self.encoder, self.dtype, name='encoder')
       dropout = self.encoder.dropout
     out = enc(input_ids, token_type_ids, attention_mask, deterministic=deterministic)
-    x = nn.Dropout(dropout)(out['pooled'], deterministic=deterministic).astype(jnp.float32)
+    x = Dropout(dropout)(out['pooled'], deterministic).astype(jnp.float32)
     head_logits = Heads(self.num_heads, self.num_classes, name='heads')(x)
     if self.combine == 'learned':
       w = nn.softmax(self.param('combine_weights', nn.initializers.zeros, (self.num_heads,)))
