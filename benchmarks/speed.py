@@ -1,0 +1,544 @@
+"""Speed benchmarks: student vs teacher, JAX vs PyTorch, distance to the matmul peak, KD step costs.
+
+  python benchmarks/speed.py --out=/tmp/bench/speed.json
+
+Everything runs in one process after warm-up and compilation; each number is a median over repeats,
+and numbers that are compared (JAX vs PyTorch, a model vs the GEMM peak, 3 vs 1 teachers, bucketed
+vs fixed length) are measured alternately (A B A B ...) and reported as the median of per-round
+ratios, because this machine's absolute speed drifts. --quick runs tiny models (smoke test only).
+See BENCHMARKS.md for the results and what each number means.
+"""
+import datetime
+import functools
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import mkdm_jax  # noqa: E402,F401  (sets XLA CPU flags before jax is imported)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from mkdm_jax import data as data_lib  # noqa: E402
+from mkdm_jax.data import batching  # noqa: E402
+from mkdm_jax import models  # noqa: E402
+from mkdm_jax.models.checkpoints import encoder_params_to_hf_state  # noqa: E402
+from mkdm_jax.train import optim  # noqa: E402
+from mkdm_jax.train import step as step_lib  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('out', None, 'Where to write the results JSON.')
+flags.DEFINE_boolean('quick', False, 'Tiny models and sizes, one repeat: a smoke test, not a benchmark.')
+flags.DEFINE_integer('repeats', 3, 'Timed repeats per measurement (after one warm-up run).')
+flags.DEFINE_integer('compare_repeats', 9, 'Timed rounds of the JAX vs PyTorch / GEMM comparison (one '
+                     'round is a few seconds; its medians need more rounds than the rest to be stable).')
+flags.DEFINE_integer('big_repeats', 1, 'Timed repeats for the BERT-base/large-shaped teacher.')
+flags.DEFINE_enum('big_teacher', 'base', ['base', 'large', 'none'], 'Shape of the random big teacher.')
+flags.DEFINE_list('batch_sizes', ['32', '128'], 'Inference batch sizes.')
+flags.DEFINE_integer('length', 128, 'Fixed sequence length (and max_length of the bucketed data).')
+flags.DEFINE_integer('rows', 256, 'WikiQA train rows in each bucketed inference pass.')
+flags.DEFINE_integer('compare_batch', 32, 'Batch size of the JAX vs PyTorch and MFU comparison.')
+flags.DEFINE_integer('kd_batch', 32, 'Batch size of the distillation-step measurements.')
+flags.DEFINE_integer('kd_length', 64, 'Sequence length of the multi-teacher step measurement.')
+flags.DEFINE_integer('bucket_rows', 384, 'WikiQA train rows in each end-to-end bucketing pass.')
+flags.DEFINE_integer('gemm_size', 3000, 'N of the N x N x N fp32 GEMM that measures the matmul peak '
+                     '(not a power of two: 2048 ran 25-30% slower here, cache-set conflicts).')
+flags.DEFINE_integer('torch_threads', 2, 'PyTorch intra-op threads.')
+flags.DEFINE_enum('torch_attention', 'sdpa', ['sdpa', 'eager'], "transformers' attention implementation.")
+flags.DEFINE_string('data_dir', None, 'Data folder (default: as the pipeline resolves it).')
+
+NUM_CLASSES = 2
+ALPHA, TEMPERATURE = 0.5, 2.0
+BUCKETS = (32, 64, 128)
+STEP_KEYS = ('input_ids', 'token_type_ids', 'attention_mask', 'labels', 'weight', 'teacher_logits')
+
+
+# ---------------------------------------------------------------------------------------------------
+# Timing.
+
+def run_once(fn):
+  """Seconds for one call of `fn`, waiting for JAX results."""
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - start
+
+
+def interleaved(fns, repeats):
+  """Warms each of `fns` (name -> callable) up once, then runs them in turn `repeats` times.
+
+  Returns name -> list of seconds, one per round.
+  """
+  for fn in fns.values():
+    run_once(fn)
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      times[name].append(run_once(fn))
+  return times
+
+
+def median(values):
+  return float(np.median(values))
+
+
+def pair_ratio(numerator, denominator):
+  """Median over rounds of numerator[i] / denominator[i]."""
+  return median(np.asarray(numerator) / np.asarray(denominator))
+
+
+# ---------------------------------------------------------------------------------------------------
+# FLOPs (matmul FLOPs, 2 per multiply-add; embeddings, norms, softmax and the tiny heads excluded).
+
+def model_flops(config, batch, length):
+  """Forward FLOPs of one [batch, length] input."""
+  if isinstance(config, models.BertConfig):
+    d, f = config.hidden_size, config.intermediate_size
+    per_layer = 2 * length * (4 * d * d + 2 * d * f) + 4 * length * length * d  # projections + attention
+    return batch * (config.num_layers * per_layer + 2 * d * d)  # + pooler
+  e, h = config.embed_dim, config.hidden_size
+  return batch * (2 * length * 2 * (e + h) * 4 * h + 2 * 4 * h * 2 * h)  # 2 directions + feature layer
+
+
+def batches_flops(config, batch_list):
+  return sum(model_flops(config, *b['input_ids'].shape) for b in batch_list)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models and data.
+
+def build_models(quick):
+  """name -> (encoder config, params of a 2-class Classifier): the pipeline's teacher and students."""
+  if quick:
+    teacher_cfg = models.BertConfig(hidden_size=32, num_layers=2, num_attention_heads=2, intermediate_size=64)
+    teacher_enc = None
+    cut = 1
+    big_cfg = None
+    lstm_hidden = 16
+  else:
+    teacher_cfg, teacher_enc = models.load_hf_bert(models.resolve_checkpoint('minilm-l6'))
+    cut = 3
+    big_cfg = {'base': models.BertConfig(hidden_size=768, num_layers=12, num_attention_heads=12,
+                                         intermediate_size=3072),
+               'large': models.BertConfig(hidden_size=1024, num_layers=24, num_attention_heads=16,
+                                          intermediate_size=4096),
+               'none': None}[FLAGS.big_teacher]
+    lstm_hidden = 256
+  dummy = np.ones((1, 8), np.int32)
+
+  def classifier(cfg, encoder=None):
+    if encoder is None:
+      init = jax.jit(models.Classifier(cfg, NUM_CLASSES).init)
+      encoder = init(jax.random.key(0), dummy, dummy, dummy)['params']['encoder']
+    width = cfg.hidden_size if isinstance(cfg, models.BertConfig) else 2 * cfg.hidden_size
+    return cfg, {'encoder': jax.tree.map(jnp.asarray, encoder), 'heads': head_params(width, 1)}
+
+  teacher = classifier(teacher_cfg, teacher_enc)
+  lstm_cfg = models.BiLSTMConfig(vocab_size=teacher_cfg.vocab_size, embed_dim=teacher_cfg.hidden_size,
+                                 hidden_size=lstm_hidden)
+  out = {'minilm_l6': teacher,
+         f'bert{cut}': classifier(*models.cut_bottom_layers(teacher_cfg, teacher[1]['encoder'], cut)),
+         'bilstm': classifier(lstm_cfg)}
+  if big_cfg is not None:
+    out[f'bert_{FLAGS.big_teacher}'] = classifier(big_cfg)
+  return out
+
+
+def load_wikiqa(max_length, rows=None):
+  """Encoded WikiQA train rows (the first `rows`, or all) and the tokenizer."""
+  tokenizer = models.load_tokenizer(models.resolve_checkpoint('minilm-l6'))
+  examples = data_lib.load_split('wikiqa', 'train', FLAGS.data_dir)
+  if rows is not None:
+    examples = examples.select(np.arange(min(rows, len(examples))))
+  return data_lib.encode(tokenizer, examples, max_length)
+
+
+def inference_batches(encoded, batch_size, buckets):
+  """The pipeline's inference order (rows sorted by length) as numpy batches."""
+  order = np.argsort(encoded.lengths, kind='stable')
+  return [{k: b[k] for k in ('input_ids', 'token_type_ids', 'attention_mask', 'weight')}
+          for b in data_lib.batches(encoded.select(order), batch_size, seed=0, epoch=0, shuffle=False,
+                                    buckets=buckets)]
+
+
+def head_params(width, num_heads, seed=0):
+  """Fresh linear heads of a Classifier (kernel [H, width, C], bias [H, C]), initialised as it does."""
+  kernel = np.random.default_rng(seed).normal(0.0, 0.02, (num_heads, width, NUM_CLASSES)).astype(np.float32)
+  return {'kernel': jnp.asarray(kernel), 'bias': jnp.zeros((num_heads, NUM_CLASSES))}
+
+
+def with_heads(params, num_heads):
+  return {**params, 'heads': head_params(params['heads']['kernel'].shape[1], num_heads)}
+
+
+def device_batch(batch):
+  """The train step's inputs on the (one) device."""
+  return {k: jnp.asarray(batch[k]) for k in STEP_KEYS}
+
+
+def kd_batch(batch, num_teachers, seed=0):
+  """A device batch for the train step, with random teacher logits [B, T, C]."""
+  rng = np.random.default_rng(seed)
+  logits = rng.normal(size=(len(batch['labels']), num_teachers, NUM_CLASSES)).astype(np.float32)
+  return device_batch({**batch, 'teacher_logits': logits})
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_step(model, loss_config, teacher_models=()):
+  """The pipeline's jitted, donating train step and its jitted state init, one per configuration.
+
+  Shared by every Stepper of the same configuration, so equal shapes compile once.
+  """
+  optimizer, schedule = optim.make_optimizer(None, learning_rate=5e-5, total_steps=1000, warmup_steps=100)
+  step = jax.jit(step_lib.make_train_step(model, optimizer, schedule, loss_config, teacher_models),
+                 donate_argnums=(0,))
+  init = jax.jit(lambda params: step_lib.init_state(model, optimizer, jax.random.key(1), params=params))
+  return step, init
+
+
+class Stepper:
+  """Runs a donating train step in place: `Stepper(...)(batch)` returns the step's measurements."""
+
+  def __init__(self, model, params, loss_config, teacher_models=(), teacher_params=()):
+    self.step, init = jitted_step(model, loss_config, teacher_models)
+    self.state = init(params)
+    self.teacher_params = teacher_params
+
+  def __call__(self, batch):
+    self.state, measurements = self.step(self.state, batch, self.teacher_params)
+    return measurements
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Inference throughput and student speedups.
+
+def inference(model_zoo, encoded, batch_sizes, repeats, big_repeats, teacher, pairs):
+  """Inference examples/s of every model, and each student's speedup over its teacher.
+
+  Per batch size, on `encoded` rows: one pass with length bucketing, and one batch at fixed length.
+  The pipeline's models run alternately for `repeats` rounds; the big teacher (if any) runs alternately
+  with `teacher` for `big_repeats` rounds (its passes are long), so its speedups chain two per-round
+  ratios: big/teacher times teacher/student. `pairs`: name -> (student, its teacher).
+  Returns (results[model][batch size], speedups[batch size][name]).
+  """
+  big = next((n for n in model_zoo if n.startswith('bert_')), None)
+  steps = {name: jax.jit(step_lib.make_eval_step(models.Classifier(cfg, NUM_CLASSES)))
+           for name, (cfg, _) in model_zoo.items()}
+  results, speedups = {name: {} for name in model_zoo}, {}
+  for bs in batch_sizes:
+    data = {'bucketed': inference_batches(encoded, bs, BUCKETS),
+            'fixed': inference_batches(encoded, bs, (encoded.max_length,))[:1]}
+    rows = {kind: int(sum(b['weight'].sum() for b in batch_list)) for kind, batch_list in data.items()}
+
+    def run(name, kind):
+      params = model_zoo[name][1]
+      return lambda: [steps[name](params, {k: jnp.asarray(v) for k, v in b.items()})['logits']
+                      for b in data[kind]]
+
+    times = interleaved({f'{n}/{k}': run(n, k) for n in model_zoo if n != big for k in data}, repeats)
+    big_times = interleaved({f'{n}/{k}': run(n, k) for n in (big, teacher) for k in data},
+                            big_repeats) if big else {}
+    for name, (cfg, _) in model_zoo.items():
+      t = big_times if name == big else times
+      results[name][str(bs)] = {
+          **{f'{k}_examples_per_s': rows[k] / median(t[f'{name}/{k}']) for k in data},
+          **{f'{k}_gflop': batches_flops(cfg, data[k]) / 1e9 for k in data},
+          'bucketed_shapes': sorted({b['input_ids'].shape for b in data['bucketed']})}
+      print(f'  {name} batch {bs}: ' + ', '.join(
+          f'{k} {results[name][str(bs)][f"{k}_examples_per_s"]:.1f} ex/s' for k in data), flush=True)
+
+    def measured(slow, fast, kind):
+      if slow == big:
+        ratio = pair_ratio(big_times[f'{big}/{kind}'], big_times[f'{teacher}/{kind}'])
+        return ratio * measured(teacher, fast, kind)
+      return pair_ratio(times[f'{slow}/{kind}'], times[f'{fast}/{kind}'])
+
+    speedups[str(bs)] = {}
+    for key, (student, slow) in pairs.items():
+      entry = {'teacher': slow, 'batch_size': bs}
+      for kind in data:
+        entry[kind] = {'measured': measured(slow, student, kind),
+                       'flop_ratio': (results[slow][str(bs)][f'{kind}_gflop']
+                                      / results[student][str(bs)][f'{kind}_gflop'])}
+      entry.update(entry['bucketed'])  # headline: real WikiQA pairs with bucketing
+      speedups[str(bs)][key] = entry
+  return results, speedups
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2 + 3. JAX vs PyTorch, and model FLOPs utilisation against the GEMM peak.
+
+def torch_model(cfg, params):
+  """transformers' BertForSequenceClassification holding the same weights and head."""
+  import torch
+  import transformers
+  hf = {k: v for k, v in cfg.to_hf_dict().items() if k != 'model_type'}
+  config = transformers.BertConfig(**hf, num_labels=NUM_CLASSES)
+  config._attn_implementation = FLAGS.torch_attention
+  model = transformers.BertForSequenceClassification(config)
+  state = encoder_params_to_hf_state(params['encoder'], cfg)
+  state['classifier.weight'] = np.ascontiguousarray(np.asarray(params['heads']['kernel'][0]).T)
+  state['classifier.bias'] = np.asarray(params['heads']['bias'][0])
+  missing, unexpected = model.load_state_dict({k: torch.tensor(v) for k, v in state.items()}, strict=False)
+  if unexpected or any(not k.endswith('position_ids') for k in missing):
+    raise RuntimeError(f'torch weights: missing {missing}, unexpected {unexpected}')
+  return model
+
+
+def torch_kd_loss(logits, teacher_logits, labels):
+  """The same objective as LossConfig(teacher_mode='ensemble'): CE + T^2 KL to averaged teachers."""
+  import torch
+  target = torch.log(torch.softmax(teacher_logits, -1).mean(1).clamp_min(1e-12))
+  p_teacher = torch.softmax(target / TEMPERATURE, -1)
+  kl = (p_teacher * (torch.log_softmax(target / TEMPERATURE, -1)
+                     - torch.log_softmax(logits / TEMPERATURE, -1))).sum(-1)
+  gold = torch.nn.functional.cross_entropy(logits, labels, reduction='none')
+  return (ALPHA * TEMPERATURE**2 * kl + (1 - ALPHA) * gold).mean()
+
+
+def torch_train_step(model):
+  """AdamW (decay on matrices only), clipping at 1.0: the JAX optimiser's settings."""
+  import torch
+  no_decay = lambda n: 'bias' in n or 'LayerNorm' in n
+  groups = [{'params': [p for n, p in model.named_parameters() if not no_decay(n)], 'weight_decay': 0.01},
+            {'params': [p for n, p in model.named_parameters() if no_decay(n)], 'weight_decay': 0.0}]
+  optimizer = torch.optim.AdamW(groups, lr=5e-5, fused=True)
+
+  def step(inputs, teacher_logits, labels):
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss = torch_kd_loss(model(**inputs).logits, teacher_logits, labels)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss
+
+  return step
+
+
+def jax_vs_torch(cfg, params, batch, repeats, gemm_size):
+  """Forward and train-step examples/s of both frameworks on one batch, plus the GEMM peak and MFU."""
+  import torch
+  torch.set_num_threads(FLAGS.torch_threads)
+  torch.manual_seed(0)
+  model = models.Classifier(cfg, NUM_CLASSES)
+  jbatch = kd_batch(batch, 3)
+  bs, length = batch['input_ids'].shape
+  eval_step = jax.jit(step_lib.make_eval_step(model))
+  jax_train = Stepper(model, params, step_lib.LossConfig(teacher_mode='ensemble', alpha=ALPHA,
+                                                         temperature=TEMPERATURE))
+  tmodel = torch_model(cfg, params)
+  inputs = {k: torch.tensor(np.asarray(jbatch[k]), dtype=torch.long)
+            for k in ('input_ids', 'token_type_ids', 'attention_mask')}
+  teacher_logits = torch.tensor(np.asarray(jbatch['teacher_logits']))
+  labels = torch.tensor(np.asarray(jbatch['labels']), dtype=torch.long)
+  tstep = torch_train_step(tmodel)
+
+  def torch_forward():
+    tmodel.eval()
+    with torch.inference_mode():
+      return tmodel(**inputs).logits
+
+  torch_logits = torch_forward().numpy().copy()
+  parity = float(np.abs(torch_logits - np.array(eval_step(params, jbatch)['logits'])).max())
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(gemm_size, gemm_size)).astype(np.float32))
+  gemm = jax.jit(lambda x: x @ x)
+  xla_flops = eval_step.lower(params, jbatch).cost_analysis()
+  xla_flops = xla_flops[0] if isinstance(xla_flops, list) else xla_flops
+  times = interleaved({
+      'gemm': lambda: gemm(a),
+      'jax_forward': lambda: eval_step(params, jbatch)['logits'],
+      'torch_forward': torch_forward,
+      'jax_train': lambda: jax_train(jbatch),
+      'torch_train': lambda: tstep(inputs, teacher_logits, labels),
+  }, repeats)
+  gemm_flops = 2 * gemm_size**3
+  fwd_flops = model_flops(cfg, bs, length)
+  peak = gemm_flops / np.asarray(times['gemm'])
+  fwd_rate = fwd_flops / np.asarray(times['jax_forward'])
+  train_rate = 3 * fwd_flops / np.asarray(times['jax_train'])
+  ex = lambda name: bs / median(times[name])
+  return {
+      'batch_size': bs, 'length': length, 'torch_attention': FLAGS.torch_attention,
+      'torch_threads': FLAGS.torch_threads, 'logits_max_abs_diff': parity,
+      'jax_forward_examples_per_s': ex('jax_forward'), 'torch_forward_examples_per_s': ex('torch_forward'),
+      'jax_train_examples_per_s': ex('jax_train'), 'torch_train_examples_per_s': ex('torch_train'),
+      'forward_ratio': pair_ratio(times['torch_forward'], times['jax_forward']),
+      'train_ratio': pair_ratio(times['torch_train'], times['jax_train']),
+      'gemm_size': gemm_size, 'gemm_gflops_median': median(peak) / 1e9,
+      'gemm_gflops_max': float(peak.max()) / 1e9,
+      'forward_gflop': fwd_flops / 1e9, 'xla_cost_analysis_forward_gflop': float(xla_flops['flops']) / 1e9,
+      'train_gflop': 3 * fwd_flops / 1e9,
+      'forward_gflops': median(fwd_rate) / 1e9, 'train_gflops': median(train_rate) / 1e9,
+      'forward_mfu': median(fwd_rate / peak), 'train_mfu': median(train_rate / peak),
+      'seconds': times}
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Multi-teacher distillation step cost.
+
+def multi_teacher(student, teacher, batch, repeats):
+  """Seconds per step: 1 and 3 teachers from the logit store (1 vs 3 heads), and 3 online teachers."""
+  (s_cfg, s_params), (t_cfg, t_params) = student, teacher
+  per_head = step_lib.LossConfig(teacher_mode='per_head', alpha=ALPHA, temperature=TEMPERATURE)
+
+  teacher_model = models.Classifier(t_cfg, NUM_CLASSES)
+  teacher_params = tuple(jax.jit(lambda p: jax.tree.map(jnp.copy, p))(t_params) for _ in range(3))
+  one = Stepper(models.Classifier(s_cfg, NUM_CLASSES, num_heads=1), with_heads(s_params, 1), per_head)
+  three = Stepper(models.Classifier(s_cfg, NUM_CLASSES, num_heads=3), with_heads(s_params, 3), per_head)
+  online = Stepper(models.Classifier(s_cfg, NUM_CLASSES, num_heads=3), with_heads(s_params, 3), per_head,
+                   (teacher_model,) * 3, teacher_params)
+  b1, b3 = kd_batch(batch, 1), kd_batch(batch, 3)
+  b_online = {k: v for k, v in b3.items() if k != 'teacher_logits'}
+  times = interleaved({'cached_1': lambda: one(b1), 'cached_3': lambda: three(b3),
+                       'online_3': lambda: online(b_online)}, repeats)
+  return {'batch_size': batch['input_ids'].shape[0], 'length': batch['input_ids'].shape[1],
+          'seconds_per_step': {k: median(v) for k, v in times.items()},
+          'cached_3_over_cached_1': pair_ratio(times['cached_3'], times['cached_1']),
+          'online_3_over_cached_1': pair_ratio(times['online_3'], times['cached_1']),
+          'seconds': times}
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. Length bucketing, end to end.
+
+def padded_tokens(encoded, batch_size, buckets):
+  """(padded tokens, real tokens) over one epoch of the pipeline's training batches."""
+  order = batching.batch_order(encoded.lengths, batch_size, seed=0, epoch=0, shuffle=True,
+                                        drop_remainder=False)
+  sizes = batching.bucket_sizes(buckets, encoded.max_length)
+  padded = sum(batch_size * sizes[np.searchsorted(sizes, encoded.lengths[rows].max())] for rows in order)
+  return int(padded), int(encoded.lengths.sum())
+
+
+def bucketing(student, encoded, all_train, batch_size, repeats):
+  """End-to-end distillation epochs over `encoded` (batching, transfer, steps), bucketed vs fixed."""
+  cfg, params = student
+  model = models.Classifier(cfg, NUM_CLASSES, num_heads=3)
+  stepper = Stepper(model, with_heads(params, 3), step_lib.LossConfig(teacher_mode='per_head', alpha=ALPHA,
+                                                       temperature=TEMPERATURE))
+  logits = np.random.default_rng(0).normal(size=(len(encoded), 3, NUM_CLASSES)).astype(np.float32)
+  fixed_buckets = (encoded.max_length,)
+
+  def epoch(buckets):
+    out = None
+    for batch in data_lib.batches(encoded, batch_size, seed=0, epoch=0, buckets=buckets,
+                                  extra={'teacher_logits': logits}):
+      out = stepper(device_batch(batch))
+    return out
+
+  times = interleaved({'bucketed': lambda: epoch(BUCKETS), 'fixed': lambda: epoch(fixed_buckets)}, repeats)
+  slice_bucketed, slice_real = padded_tokens(encoded, batch_size, BUCKETS)
+  slice_fixed, _ = padded_tokens(encoded, batch_size, fixed_buckets)
+  all_bucketed, all_real = padded_tokens(all_train, batch_size, BUCKETS)
+  all_fixed, _ = padded_tokens(all_train, batch_size, fixed_buckets)
+  return {
+      'rows': len(encoded), 'batch_size': batch_size, 'buckets': list(BUCKETS),
+      'bucketed_examples_per_s': len(encoded) / median(times['bucketed']),
+      'fixed_examples_per_s': len(encoded) / median(times['fixed']),
+      'speedup': pair_ratio(times['fixed'], times['bucketed']),
+      'slice_padded_tokens': {'bucketed': slice_bucketed, 'fixed': slice_fixed, 'real': slice_real,
+                              'fixed_over_bucketed': slice_fixed / slice_bucketed},
+      'all_train_padded_tokens': {'rows': len(all_train), 'bucketed': all_bucketed, 'fixed': all_fixed,
+                                  'real': all_real, 'fixed_over_bucketed': all_fixed / all_bucketed},
+      'seconds': times}
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def machine_info():
+  import flax
+  import jaxlib
+  import torch
+  import transformers
+  cpu = 'unknown'
+  if os.path.exists('/proc/cpuinfo'):
+    names = [line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')]
+    cpu = names[0] if names else cpu
+  return {'cpu_model': cpu, 'cpu_cores': os.cpu_count(), 'cores_usable': len(os.sched_getaffinity(0)),
+          'platform': platform.platform(), 'python': platform.python_version(),
+          'jax': jax.__version__, 'jaxlib': jaxlib.__version__, 'flax': flax.__version__,
+          'torch': torch.__version__, 'transformers': transformers.__version__,
+          'jax_backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
+          'device_count': jax.device_count(), 'gpu': None, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+          'load_average_start': os.getloadavg()}
+
+
+def main(argv):
+  del argv
+  if not FLAGS.out:
+    raise app.UsageError('--out is required')
+  quick = FLAGS.quick
+  repeats = 1 if quick else FLAGS.repeats
+  big_repeats = 1 if quick else FLAGS.big_repeats
+  length = 32 if quick else FLAGS.length
+  batch_sizes = [4] if quick else [int(b) for b in FLAGS.batch_sizes]
+  rows = 16 if quick else FLAGS.rows
+  bucket_rows = 32 if quick else FLAGS.bucket_rows
+  compare_batch, kd_bs = (4, 4) if quick else (FLAGS.compare_batch, FLAGS.kd_batch)
+  kd_length = length if quick else FLAGS.kd_length
+  gemm_size = 128 if quick else FLAGS.gemm_size
+  started = time.time()
+  result = {'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+            'command': ' '.join(sys.argv), 'quick': quick, 'machine': machine_info()}
+
+  all_train = load_wikiqa(length)
+  train_slice = all_train.select(np.arange(max(rows, bucket_rows, compare_batch)))
+  zoo = build_models(quick)
+  teacher_name = 'minilm_l6'
+  student_names = [n for n in zoo if n != teacher_name and not n.startswith('bert_')]
+  big_name = next((n for n in zoo if n.startswith('bert_')), None)
+
+  print(f'[{time.time() - started:.0f} s] ' + '1. inference throughput', flush=True)
+  pairs = {s: (s, teacher_name) for s in student_names}
+  if big_name:
+    pairs.update({f'{s}_vs_{big_name}': (s, big_name) for s in student_names})
+  result['inference'], by_batch = inference(zoo, train_slice.select(np.arange(rows)), batch_sizes, repeats,
+                                            big_repeats, teacher_name, pairs)
+  result['student_speedup'] = by_batch[str(max(batch_sizes))]
+  result['student_speedup_by_batch'] = by_batch
+
+  print(f'[{time.time() - started:.0f} s] ' + '2-3. JAX vs PyTorch, GEMM peak, MFU', flush=True)
+  compare = next(b for b in data_lib.batches(train_slice, compare_batch, seed=0, epoch=0,
+                                             buckets=(length,)))
+  result['jax_vs_torch'] = jax_vs_torch(*zoo[teacher_name], compare,
+                                        1 if quick else FLAGS.compare_repeats, gemm_size)
+
+  print(f'[{time.time() - started:.0f} s] ' + '4. multi-teacher step cost', flush=True)
+  kd_data = train_slice.select(np.arange(kd_bs))
+  kd_rows = next(data_lib.batches(kd_data, kd_bs, seed=0, epoch=0, buckets=(length,)))
+  kd_rows = {k: v[:, :kd_length] if v.ndim == 2 else v for k, v in kd_rows.items()}
+  result['multi_teacher'] = multi_teacher(zoo[student_names[0]], zoo[teacher_name], kd_rows, repeats + 2)
+
+  print(f'[{time.time() - started:.0f} s] ' + '5. bucketing end to end', flush=True)
+  result['bucketing'] = bucketing(zoo[student_names[0]], train_slice.select(np.arange(bucket_rows)),
+                                  all_train, kd_bs, repeats)
+
+  comparison = result['jax_vs_torch']
+  result.update({
+      'jax_vs_torch_forward_ratio': comparison['forward_ratio'],
+      'jax_vs_torch_train_ratio': comparison['train_ratio'],
+      'forward_mfu': comparison['forward_mfu'], 'train_mfu': comparison['train_mfu'],
+      'multi_teacher_cost_ratio': result['multi_teacher']['cached_3_over_cached_1'],
+      'bucketing_speedup': result['bucketing']['speedup'],
+  })
+  result['machine']['load_average_end'] = os.getloadavg()
+  result['wall_seconds'] = time.time() - started
+  out = pathlib.Path(FLAGS.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(result, indent=2, default=str))
+  for key in ('jax_vs_torch_forward_ratio', 'jax_vs_torch_train_ratio', 'forward_mfu', 'train_mfu',
+              'multi_teacher_cost_ratio', 'bucketing_speedup'):
+    print(f'{key}: {result[key]:.3f}')
+  for name, s in result['student_speedup'].items():
+    print(f'student_speedup {name}: measured {s["measured"]:.2f}, flop ratio {s["flop_ratio"]:.2f}')
+  print(f'wrote {out} ({result["wall_seconds"]:.0f} s)')
+
+
+if __name__ == '__main__':
+  app.run(main)

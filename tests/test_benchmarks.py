@@ -1,0 +1,38 @@
+"""Smoke test of benchmarks/speed.py: tiny models, one repeat; checks the JSON, never the speed."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SPEED = Path(__file__).resolve().parents[1] / 'benchmarks' / 'speed.py'
+HEADLINE = ('jax_vs_torch_forward_ratio', 'jax_vs_torch_train_ratio', 'forward_mfu', 'train_mfu',
+            'multi_teacher_cost_ratio', 'bucketing_speedup')
+
+
+def positive(x):
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_speed_quick(tmp_path):
+  out = tmp_path / 'speed.json'
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.run([sys.executable, str(SPEED), '--quick', f'--out={out}'], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  for key in HEADLINE:
+    assert positive(result[key]), (key, result[key])
+  assert set(result['student_speedup']) == {'bert1', 'bilstm'}
+  for name, entry in result['student_speedup'].items():
+    assert positive(entry['measured']) and positive(entry['flop_ratio']), (name, entry)
+  assert result['student_speedup']['bert1']['flop_ratio'] > 1
+  machine = result['machine']
+  for key in ('cpu_model', 'cpu_cores', 'jax', 'torch', 'device_kind'):
+    assert machine[key], key
+  for model in ('minilm_l6', 'bert1', 'bilstm'):
+    assert positive(result['inference'][model]['4']['bucketed_examples_per_s'])
+  assert result['jax_vs_torch']['logits_max_abs_diff'] < 1e-4
+  padded = result['bucketing']['all_train_padded_tokens']
+  assert padded['fixed'] >= padded['bucketed'] >= padded['real'] > 0
