@@ -328,24 +328,43 @@ def store_manifest(ctx, directory, dataset):
           'max_length': FLAGS.max_length}
 
 
+def row_keys(encoded):
+  """One key per row, equal for rows that are identical model inputs (token ids and types)."""
+  return [ids.tobytes() + types.tobytes()
+          for ids, types in zip(encoded.input_ids, encoded.token_type_ids)]
+
+
 def stage_logits(ctx):
-  """Teacher logits on every dataset, computed once per teacher and stored (reused on reruns)."""
+  """Teacher logits on every dataset, computed once per teacher and stored (reused on reruns).
+
+  A row already predicted for an earlier dataset is not predicted again (TMKD's unlabelled set starts
+  with every train pair, and dev and eval may overlap).
+  """
   store = data_lib.LogitStore(ctx['shared'] / 'logits')
   for directory in teacher_dirs(ctx['shared']):
     if not train.is_complete(directory):
       raise UserError(f'teacher {directory} is not trained yet: run the teachers stage first')
     model, params = None, None
-    for dataset in ctx['encoded']:
-      manifest = store_manifest(ctx, directory, dataset)
-      if store.has(f'{directory.name}.{dataset}', manifest):
+    known = {}  # row key -> this teacher's logits, over the datasets seen so far
+    for dataset, encoded in ctx['encoded'].items():
+      name, manifest = f'{directory.name}.{dataset}', store_manifest(ctx, directory, dataset)
+      keys = row_keys(encoded)
+      if store.has(name, manifest):
+        known.update(zip(keys, store.read(name, manifest)[0]))
         continue
       if model is None:
         model, params, _ = saved_model.load(directory)
-      out = train.predict(model, params, ctx['encoded'][dataset], mesh=ctx['mesh'],
-                          batch_size=FLAGS.eval_batch_size, buckets=ctx['buckets'],
-                          desc=f'{directory.name} logits on {dataset}' if FLAGS.progress else None)
+      todo = np.array([i for i, key in enumerate(keys) if key not in known], np.int64)
+      logging.info('%s: predicting %d rows, %d reused from earlier sets', name, len(todo),
+                   len(keys) - len(todo))
+      if len(todo):
+        out = train.predict(model, params, encoded.select(todo), mesh=ctx['mesh'],
+                            batch_size=FLAGS.eval_batch_size, buckets=ctx['buckets'],
+                            desc=f'{name} logits' if FLAGS.progress else None)
+        known.update(zip((keys[i] for i in todo), out['logits']))
+      logits = np.stack([known[key] for key in keys])
       if jax.process_index() == 0:
-        store.write(f'{directory.name}.{dataset}', out['logits'], ctx['examples'][dataset].ids, manifest)
+        store.write(name, logits, ctx['examples'][dataset].ids, manifest)
 
 
 def teacher_logits(ctx, dataset, teachers=None):

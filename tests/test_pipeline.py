@@ -1,5 +1,6 @@
 """End to end: experiments/run.py with ci_tiny.flags, results.json schema, reruns that skip work."""
 import json
+import re
 
 from conftest import run_pipeline
 
@@ -36,3 +37,12 @@ def test_rerun_skips_finished_stages_and_keeps_results(ci_tiny_run, xla_cache):
   assert proc.stderr.count('already trained, skipping') == 3 + 2 * 6  # teachers + 2 x (5 methods + stage 1)
   after = json.loads((workdir / 'results.json').read_text())
   assert before == after
+
+
+def test_logits_stage_predicts_rows_shared_between_sets_once(ci_tiny_run):
+  _, proc = ci_tiny_run
+  # TMKD's unlabelled set is every train pair without its label plus --unlabelled_extra=100 new pairs.
+  train_rows = int(re.search(r'train: (\d+) rows', proc.stderr).group(1))
+  for t in range(3):
+    assert f'teacher_{t}.train: predicting {train_rows} rows, 0 reused' in proc.stderr
+    assert f'teacher_{t}.unlabelled: predicting 100 rows, {train_rows} reused' in proc.stderr
