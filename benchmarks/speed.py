@@ -167,9 +167,9 @@ def inference_batches(encoded, batch_size, buckets):
 
 
 def head_params(width, num_heads, seed=0):
-  """Fresh linear heads of a Classifier (kernel [H, width, C], bias [H, C]), initialised as it does."""
-  kernel = np.random.default_rng(seed).normal(0.0, 0.02, (num_heads, width, NUM_CLASSES)).astype(np.float32)
-  return {'kernel': jnp.asarray(kernel), 'bias': jnp.zeros((num_heads, NUM_CLASSES))}
+  """Fresh linear heads of a Classifier (kernel [H, width, C], bias [H, C]), from its own Heads module."""
+  heads = models.classifier.Heads(num_heads, NUM_CLASSES)
+  return heads.init(jax.random.key(seed), jnp.zeros((1, width)))['params']
 
 
 def with_heads(params, num_heads):
