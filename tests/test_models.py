@@ -215,8 +215,9 @@ def test_bilstm_matches_flax_rnn():
   np.testing.assert_allclose(np.asarray(seq)[real], np.asarray(expected)[real], atol=1e-5)
 
 
-def test_bilstm_ignores_padding():
-  model = Classifier(TINY_LSTM, num_classes=2, num_heads=2)
+@pytest.mark.parametrize('encoder', [TINY_BERT, TINY_LSTM])
+def test_padding_is_ignored(encoder):
+  model = Classifier(encoder, num_classes=2, num_heads=2)
   ids, types, mask = random_batch(3)
   params = init(model)
   base = model.apply({'params': params}, ids, types, mask)['logits']
@@ -232,6 +233,22 @@ def test_bilstm_ignores_padding():
   changed[2, 1] = changed[2, 1] % 119 + 1
   changed_logits = model.apply({'params': params}, changed, types, mask)['logits']
   assert np.abs(np.asarray(changed_logits[2] - base[2])).max() > 0
+
+
+def test_bert_row_without_keys_stays_finite():
+  """A row whose attention mask is all zero gets finite logits and leaves the other rows unchanged."""
+  model = Classifier(TINY_BERT, num_classes=2)
+  ids, types, mask = random_batch(5)
+  params = init(model)
+  empty = mask.copy()
+  empty[1] = 0
+  for deterministic in (True, False):
+    run = lambda m: np.asarray(model.apply({'params': params}, ids, types, m, deterministic=deterministic,
+                                           rngs={'dropout': jax.random.key(0)})['logits'])
+    out = run(empty)
+    assert np.isfinite(out).all()
+    if deterministic:
+      np.testing.assert_allclose(out[[0, 2]], run(mask)[[0, 2]], atol=1e-6)
 
 
 def test_bilstm_embeddings_from_bert():
