@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,8 @@ def test_speed_quick(tmp_path):
   machine = result['machine']
   for key in ('cpu_model', 'cpu_cores', 'jax', 'torch', 'device_kind'):
     assert machine[key], key
+  # The default --malloc=keep applies where glibc is the C library (and falls back elsewhere).
+  assert machine['malloc'] == ('keep' if platform.libc_ver()[0] == 'glibc' else 'default')
   for model in ('minilm_l6', 'bert1', 'bilstm'):
     assert positive(result['inference'][model]['4']['bucketed_examples_per_s'])
   assert result['jax_vs_torch']['logits_max_abs_diff'] < 1e-4
