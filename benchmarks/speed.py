@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from mkdm_jax import data as data_lib  # noqa: E402
+from mkdm_jax.allocator import keep_freed_memory  # noqa: E402
 from mkdm_jax.data import batching  # noqa: E402
 from mkdm_jax import models  # noqa: E402
 from mkdm_jax.models.checkpoints import encoder_params_to_hf_state  # noqa: E402
@@ -53,10 +54,10 @@ flags.DEFINE_integer('torch_threads', 2, 'PyTorch intra-op threads.')
 flags.DEFINE_enum('torch_attention', 'sdpa', ['sdpa', 'eager'], "transformers' attention implementation.")
 flags.DEFINE_string('data_dir', None, 'Data folder (default: as the pipeline resolves it).')
 flags.DEFINE_enum('malloc', 'keep', ['keep', 'default'],
-                  "glibc malloc policy, set before either framework allocates: 'keep' (M_MMAP_MAX=0, "
-                  "M_TRIM_THRESHOLD=1 GiB, one arena) reuses freed memory, so no call page-faults fresh "
-                  "buffers and the numbers do not depend on the heap's history; 'default' leaves glibc as a "
-                  "user gets it (PyTorch's forward then moved by 10% between processes here).")
+                  "glibc malloc policy, set before either framework allocates: 'keep' "
+                  "(mkdm_jax.allocator.keep_freed_memory: no mmap, no trimming, one arena) reuses freed "
+                  "memory, so no call page-faults fresh buffers and the numbers do not depend on the heap's "
+                  "history; 'default' leaves glibc as a user gets it.")
 
 NUM_CLASSES = 2
 ALPHA, TEMPERATURE = 0.5, 2.0
@@ -455,27 +456,6 @@ def bucketing(student, encoded, all_train, batch_size, repeats):
 
 
 # ---------------------------------------------------------------------------------------------------
-
-# mallopt parameters (glibc malloc.h).
-M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-
-
-def keep_freed_memory():
-  """Tells glibc to serve every allocation from its heap and keep freed memory; False off glibc.
-
-  By default glibc maps each block above its mmap threshold (at most 32 MiB) afresh and unmaps it
-  on free, so a buffer of that size costs one page fault per 4 KiB on every call: XLA's 73 MB temp
-  buffer of a MiniLM forward at 32 x 128, and PyTorch's activations (20-75 thousand faults per
-  forward here, depending on what the process allocated before).
-  """
-  import ctypes
-  try:
-    mallopt = ctypes.CDLL('libc.so.6').mallopt
-  except (OSError, AttributeError):
-    return False
-  return all(mallopt(param, value) == 1 for param, value in
-             ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**30), (M_ARENA_MAX, 1)))
-
 
 def machine_info():
   import flax

@@ -1,0 +1,42 @@
+"""keep_freed_memory: a freed big block is reused without page faults (glibc only)."""
+import pathlib
+import platform
+import subprocess
+import sys
+
+import pytest
+
+SIZE = 2**30 + 2**27  # above the 1 GiB trim threshold that once let a MiniLM train step refault
+
+# Fills a malloc-ed block, frees it, and prints the minor page faults of filling a second one.
+# (Plain malloc: numpy asks for huge pages, which hides the faults this is about.)
+_SCRIPT = """
+import ctypes, resource, sys
+sys.path.insert(0, {root!r})
+if {keep}:
+  from mkdm_jax.allocator import keep_freed_memory
+  assert keep_freed_memory()
+libc = ctypes.CDLL('libc.so.6')
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+def fill():
+  block = libc.malloc({size}); ctypes.memset(block, 1, {size}); return block
+libc.free(fill())
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+fill()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _refaults(keep):
+  root = str(pathlib.Path(__file__).resolve().parents[1])
+  out = subprocess.run([sys.executable, '-c', _SCRIPT.format(root=root, keep=keep, size=SIZE)],
+                       capture_output=True, text=True, check=True)
+  return int(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='mallopt policy is glibc-specific')
+def test_keep_freed_memory_reuses_big_blocks():
+  pages = SIZE // 4096
+  assert _refaults(keep=False) > pages // 2  # glibc maps the block afresh: a fault per page
+  assert _refaults(keep=True) < pages // 100  # the heap keeps the freed pages
