@@ -531,8 +531,11 @@ def results_markdown(results):
 def main(argv):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {argv[1:]} (flags must start with --)')
-  if FLAGS.malloc == 'keep' and not keep_freed_memory():
-    logging.warning('--malloc=keep needs glibc; using the default allocator')
+  if FLAGS.malloc == 'keep':
+    if keep_freed_memory():
+      logging.info('host allocator: glibc keeps freed memory (--malloc=keep)')
+    else:
+      logging.warning('--malloc=keep needs glibc; using the default allocator')
   if FLAGS.distributed:
     jax.distributed.initialize()
   buckets = validate_flags()

@@ -1,5 +1,6 @@
 """End to end: experiments/run.py with ci_tiny.flags, results.json schema, reruns that skip work."""
 import json
+import platform
 import re
 
 from conftest import run_pipeline
@@ -27,6 +28,13 @@ def test_results_json_schema_with_every_method(ci_tiny_run):
   assert {f'head{h}/map' for h in range(3)} <= set(mkdm['head_metrics'])  # one head per teacher
   table = (workdir / 'results.md').read_text()
   assert 'bert1_tmkd' in table and 'speedup' in table
+
+
+def test_run_keeps_freed_memory_by_default(ci_tiny_run):
+  _, proc = ci_tiny_run
+  expected = ('glibc keeps freed memory' if platform.libc_ver()[0] == 'glibc'
+              else '--malloc=keep needs glibc')
+  assert expected in proc.stderr
 
 
 def test_rerun_skips_finished_stages_and_keeps_results(ci_tiny_run, xla_cache):
