@@ -1,4 +1,4 @@
-"""Work-directory lock and the command-line error boundary shared by the experiment scripts."""
+"""Work-directory lock, the user cache directory and the command-line error boundary of the scripts."""
 import logging
 import os
 import socket
@@ -11,6 +11,11 @@ log = logging.getLogger(__name__)
 LOCK_FILE = '.lock'
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, the conventional status of a job stopped by SIGTERM
+
+
+def cache_dir() -> Path:
+  """Converted checkpoints and built kernels: $MKDM_CACHE_DIR, default ~/.cache/mkdm_jax."""
+  return Path(os.environ.get('MKDM_CACHE_DIR', '~/.cache/mkdm_jax')).expanduser()
 
 
 def _pid_alive(pid):

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mkdm_jax.errors import UserError
+from mkdm_jax.models import cpu_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,18 +133,19 @@ def _attention_chunk(batch, heads, length):
 class BertSelfAttention(nn.Module):
   """Multi-head self-attention plus output projection; softmax in fp32. Tokens x: [B*L, D].
 
-  Softmax normalisation is applied to the context, exp(s - max) @ v / sum, not to the [B, heads,
+  At inference on the CPU backend (fp32, head size a multiple of 8) the core is the fused
+  `cpu_attention` kernel: XLA:CPU runs batched matmuls on one core, the kernel threads (example,
+  head) pairs and skips padded keys. Otherwise (training, other backends, no C++ compiler):
+  softmax normalisation is applied to the context, exp(s - max) @ v / sum, not to the [B, heads,
   L, L] scores (one pass less over them; dropout commutes with the row scaling). Padded keys are
   zeroed in k, so their scores are exactly 0 and the row maximum needs no masked copy of the scores
   (XLA:CPU wrote one: the core ran about 18% slower); the mask then multiplies exp(). The
   maximum may thus be 0 instead of the largest unmasked score, which only changes the result if
   every unmasked score of a row is below -87 (exp underflows); a row with no unmasked key gets a
-  zero context (HF BERT attends uniformly there; the pipeline never builds such rows). At inference the
-  context is computed a few examples at a time (lax.map over batch chunks) so that each chunk's
-  scores stay in cache (and no buffer of glibc's mmap size is page-faulted in on every call): on
-  this CPU the attention core runs about 2x faster than in one chunk, though still about 1.4x
-  slower than PyTorch's fused scaled_dot_product_attention. Training uses one chunk: under autodiff, stacking
-  the per-chunk residuals cost as much as the chunking saved. The returned probabilities are
+  zero context (HF BERT attends uniformly there; the pipeline never builds such rows). Without
+  dropout the context is computed a few examples at a time (lax.map over batch chunks) so that each
+  chunk's scores stay in cache (about 2x faster on CPU than one chunk). Training uses one chunk: under
+  autodiff, stacking the per-chunk residuals cost as much as the chunking saved. The returned probabilities are
   computed separately, so XLA drops them unless a caller uses them.
   """
   config: BertConfig
@@ -153,13 +155,18 @@ class BertSelfAttention(nn.Module):
   def __call__(self, x, mask, deterministic):
     cfg = self.config
     (b, l), d, h = mask.shape, x.shape[-1], cfg.num_attention_heads
-    split = lambda t: t.reshape(b, l, h, d // h).transpose(0, 2, 1, 3)  # [B, heads, L, d/heads]
+    heads = lambda t: t.reshape(b, l, h, d // h)  # token-major [B, L, heads, d/heads]
+    split = lambda t: heads(t).transpose(0, 2, 1, 3)  # [B, heads, L, d/heads]
     keep = mask.astype(jnp.float32)
-    q_dense = _dense(d, self.dtype, 'query')(x)
+    q_dense = _dense(d, self.dtype, 'query')(x) * (d // h) ** -0.5
     k_dense = _dense(d, self.dtype, 'key')(x)
-    q = split(q_dense * (d // h) ** -0.5)
-    k = split(k_dense * keep.reshape(b * l, 1).astype(self.dtype))
-    v = split(_dense(d, self.dtype, 'value')(x))
+    v_dense = _dense(d, self.dtype, 'value')(x)
+    scores = jnp.einsum('bhqd,bhkd->bhqk', split(q_dense), split(k_dense)).astype(jnp.float32)
+    probs = nn.softmax(jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min), axis=-1)
+    if deterministic and cpu_attention.applies(self.dtype, d // h):
+      ctx = cpu_attention.attention(heads(q_dense), heads(k_dense), heads(v_dense), keep)
+      return _dense(d, self.dtype, 'output')(ctx.reshape(b * l, d)), probs
+    q, k, v = split(q_dense), split(k_dense * keep.reshape(b * l, 1).astype(self.dtype)), split(v_dense)
     seed = dropout_seed(self, cfg.attention_dropout, deterministic)
     c = _attention_chunk(b, h, l) if deterministic else b
 
@@ -179,8 +186,6 @@ class BertSelfAttention(nn.Module):
       chunks = lambda t: t.reshape(b // c, c, *t.shape[1:])
       ctx = jax.lax.map(context, (chunks(q), chunks(k), chunks(v), chunks(keep)))
     ctx = ctx.reshape(b, h, l, d // h).transpose(0, 2, 1, 3).reshape(b * l, d)
-    scores = jnp.einsum('bhqd,bhkd->bhqk', q, split(k_dense)).astype(jnp.float32)
-    probs = nn.softmax(jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min), axis=-1)
     return _dense(d, self.dtype, 'output')(ctx), probs
 
 

