@@ -29,6 +29,7 @@ from mkdm_jax import data as data_lib  # noqa: E402
 from mkdm_jax.allocator import keep_freed_memory  # noqa: E402
 from mkdm_jax.data import batching  # noqa: E402
 from mkdm_jax import models  # noqa: E402
+from mkdm_jax.models import cpu_attention  # noqa: E402
 from mkdm_jax.models.checkpoints import encoder_params_to_hf_state  # noqa: E402
 from mkdm_jax.train import optim  # noqa: E402
 from mkdm_jax.train import step as step_lib  # noqa: E402
@@ -114,6 +115,22 @@ def model_flops(config, batch, length):
 
 def batches_flops(config, batch_list):
   return sum(model_flops(config, *b['input_ids'].shape) for b in batch_list)
+
+
+def skipped_attention_flops(config, mask):
+  """Attention FLOPs on padded keys, which BERT inference skips where the CPU attention kernel runs."""
+  if not cpu_attention.applies(jnp.float32, config.hidden_size // config.num_attention_heads):
+    return 0
+  length = mask.shape[1]
+  return config.num_layers * 4 * length * int((length - mask.sum(1)).sum()) * config.hidden_size
+
+
+def padding_stats(batch_list):
+  """Real tokens, and each batch's longest row (the BiLSTM's steps), as fractions of the padded shapes."""
+  masks = [np.asarray(b['attention_mask']) for b in batch_list]
+  return {'real_token_fraction': sum(m.sum() for m in masks) / sum(m.size for m in masks),
+          'longest_row_fraction': (sum(int(np.max(np.nonzero(m.any(0))[0], initial=-1)) + 1 for m in masks)
+                                   / sum(m.shape[1] for m in masks))}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -231,12 +248,12 @@ def inference(model_zoo, encoded, batch_sizes, repeats, big_repeats, teacher, pa
   The pipeline's models run alternately for `repeats` rounds; the big teacher (if any) runs alternately
   with `teacher` for `big_repeats` rounds (its passes are long), so its speedups chain two per-round
   ratios: big/teacher times teacher/student. `pairs`: name -> (student, its teacher).
-  Returns (results[model][batch size], speedups[batch size][name]).
+  Returns (results[model][batch size], speedups[batch size][name], padding[batch size][kind]).
   """
   big = next((n for n in model_zoo if n.startswith('bert_')), None)
   steps = {name: jax.jit(step_lib.make_eval_step(models.Classifier(cfg, NUM_CLASSES)))
            for name, (cfg, _) in model_zoo.items()}
-  results, speedups = {name: {} for name in model_zoo}, {}
+  results, speedups, padding = {name: {} for name in model_zoo}, {}, {}
   for bs in batch_sizes:
     data = {'bucketed': inference_batches(encoded, bs, BUCKETS),
             'fixed': inference_batches(encoded, bs, (encoded.max_length,))[:1]}
@@ -265,6 +282,7 @@ def inference(model_zoo, encoded, batch_sizes, repeats, big_repeats, teacher, pa
         return ratio * measured(teacher, fast, kind)
       return pair_ratio(times[f'{slow}/{kind}'], times[f'{fast}/{kind}'])
 
+    padding[str(bs)] = {kind: padding_stats(batch_list) for kind, batch_list in data.items()}
     speedups[str(bs)] = {}
     for key, (student, slow) in pairs.items():
       entry = {'teacher': slow, 'batch_size': bs}
@@ -274,7 +292,7 @@ def inference(model_zoo, encoded, batch_sizes, repeats, big_repeats, teacher, pa
                                       / results[student][str(bs)][f'{kind}_gflop'])}
       entry.update(entry['bucketed'])  # headline: real WikiQA pairs with bucketing
       speedups[str(bs)][key] = entry
-  return results, speedups
+  return results, speedups, padding
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -366,6 +384,7 @@ def jax_vs_torch(cfg, params, batch, repeats, gemm_size):
   }, repeats)
   gemm_flops = 2 * gemm_size**3
   fwd_flops = model_flops(cfg, bs, length)
+  executed_flops = fwd_flops - skipped_attention_flops(cfg, batch['attention_mask'])
   peak = gemm_flops / np.asarray(times['gemm'])
   fwd_rate = fwd_flops / np.asarray(times['jax_forward'])
   train_rate = 3 * fwd_flops / np.asarray(times['jax_train'])
@@ -383,6 +402,9 @@ def jax_vs_torch(cfg, params, batch, repeats, gemm_size):
       'train_gflop': 3 * fwd_flops / 1e9,
       'forward_gflops': median(fwd_rate) / 1e9, 'train_gflops': median(train_rate) / 1e9,
       'forward_mfu': median(fwd_rate / peak), 'train_mfu': median(train_rate / peak),
+      'real_token_fraction': float(batch['attention_mask'].mean()),
+      'forward_executed_gflop': executed_flops / 1e9,
+      'forward_mfu_executed': median(fwd_rate / peak) * executed_flops / fwd_flops,
       'seconds': times}
 
 
@@ -509,7 +531,7 @@ def main(argv):
   pairs = {s: (s, teacher_name) for s in student_names}
   if big_name:
     pairs.update({f'{s}_vs_{big_name}': (s, big_name) for s in student_names})
-  result['inference'], by_batch = inference(zoo, train_slice.select(np.arange(rows)), batch_sizes, repeats,
+  result['inference'], by_batch, result['inference_padding'] = inference(zoo, train_slice.select(np.arange(rows)), batch_sizes, repeats,
                                             big_repeats, teacher_name, pairs)
   result['student_speedup'] = by_batch[str(max(batch_sizes))]
   result['student_speedup_by_batch'] = by_batch

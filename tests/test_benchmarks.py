@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SPEED = Path(__file__).resolve().parents[1] / 'benchmarks' / 'speed.py'
 HEADLINE = ('jax_vs_torch_forward_ratio', 'jax_vs_torch_train_ratio', 'forward_mfu', 'train_mfu',
             'multi_teacher_cost_ratio', 'bucketing_speedup')
@@ -36,6 +38,16 @@ def test_speed_quick(tmp_path):
   assert machine['malloc'] == ('keep' if platform.libc_ver()[0] == 'glibc' else 'default')
   for model in ('minilm_l6', 'bert1', 'bilstm'):
     assert positive(result['inference'][model]['4']['bucketed_examples_per_s'])
-  assert result['jax_vs_torch']['logits_max_abs_diff'] < 1e-4
+  compare = result['jax_vs_torch']
+  assert compare['logits_max_abs_diff'] < 1e-4
+  # The attention kernel skips padded keys: executed FLOPs fall below model FLOPs exactly when padded.
+  assert 0 < compare['real_token_fraction'] <= 1
+  assert 0 < compare['forward_executed_gflop'] <= compare['forward_gflop']
+  padded_batch = compare['real_token_fraction'] < 1
+  assert (compare['forward_executed_gflop'] < compare['forward_gflop']) == padded_batch
+  assert compare['forward_mfu_executed'] / compare['forward_mfu'] == pytest.approx(
+      compare['forward_executed_gflop'] / compare['forward_gflop'])
+  for kind, stats in result['inference_padding']['4'].items():
+    assert 0 < stats['real_token_fraction'] <= stats['longest_row_fraction'] <= 1, (kind, stats)
   padded = result['bucketing']['all_train_padded_tokens']
   assert padded['fixed'] >= padded['bucketed'] >= padded['real'] > 0
