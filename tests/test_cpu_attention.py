@@ -94,6 +94,14 @@ def test_training_forward_does_not_use_kernel():
   assert cpu_attention.TARGET not in jax.jit(train).lower(params, *batch).as_text()
 
 
+def test_loading_keeps_subnormals():
+  """Fast math stays inside the kernel: loading it must not turn on flush-to-zero for the process
+  (linking with -ffast-math did, through crtfastmath.o; hypothesis caught it in test_data)."""
+  tiny = np.array([1e-40], np.float32)
+  assert cpu_attention.available()
+  assert (tiny * np.float32(1.0))[0] > 0
+
+
 def test_build_is_cached(tmp_path, monkeypatch):
   monkeypatch.setenv('MKDM_CACHE_DIR', str(tmp_path))
   first = cpu_attention.build()
