@@ -45,8 +45,8 @@ struct Problem {
   int64_t batch, length, heads, dim;
 };
 
-// Work space of one thread: kept keys transposed [dim][cols], kept values [cols][dim], a block of
-// scores [kRows][cols].
+// Work space of one thread: kept keys as rows [cols][dim] and transposed [dim][cols], kept values
+// [cols][dim], a block of scores [kRows][cols].
 struct Scratch {
   explicit Scratch(const Problem& p)
       : cols(((p.length + 15) / 16) * 16),
