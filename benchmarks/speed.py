@@ -531,8 +531,8 @@ def main(argv):
   pairs = {s: (s, teacher_name) for s in student_names}
   if big_name:
     pairs.update({f'{s}_vs_{big_name}': (s, big_name) for s in student_names})
-  result['inference'], by_batch, result['inference_padding'] = inference(zoo, train_slice.select(np.arange(rows)), batch_sizes, repeats,
-                                            big_repeats, teacher_name, pairs)
+  result['inference'], by_batch, result['inference_padding'] = inference(
+      zoo, train_slice.select(np.arange(rows)), batch_sizes, repeats, big_repeats, teacher_name, pairs)
   result['student_speedup'] = by_batch[str(max(batch_sizes))]
   result['student_speedup_by_batch'] = by_batch
 
