@@ -1,6 +1,9 @@
-"""Tests of the data layer: readers and tasks, tfds source, encoding and batching."""
+"""Tests of the data layer: readers and tasks, row keys, tfds source, encoding and batching."""
+import dataclasses
+import hashlib
 import json
 import logging
+import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -11,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mkdm_jax.data import (TASKS, Encoded, Examples, batches, encode, get_task, load_split, make_unlabelled_pairs,
-                           num_batches, resolve_data_dir)
-from mkdm_jax.data import tfds_source
+                           num_batches, resolve_data_dir, row_key)
+from mkdm_jax.data import readers, tfds_source
 from mkdm_jax.errors import UserError
 
 DATA = resolve_data_dir()
@@ -44,8 +47,17 @@ def test_wikiqa_counts(split, rows, positives, questions):
   ex = load_split("wikiqa", split)
   assert (len(ex), int(ex.labels.sum()), len(np.unique(ex.groups))) == (rows, positives, questions)
   assert ex.labels.dtype == np.int32 and ex.ids.dtype == np.int64 and ex.groups.dtype == np.int64
-  np.testing.assert_array_equal(ex.ids, np.arange(rows))
+  assert len(np.unique(ex.ids)) == rows and len(ex.group_names) == questions
   assert not any(t.endswith("\r") for t in ex.text_b)
+
+
+def test_wikiqa_train_ids_are_row_keys():
+  ex = load_split("wikiqa", "train")
+  assert ex.group_names[:3] == ["Q1", "Q2", "Q5"] and ex.ids[0] == row_key(ex.text_a[0], ex.text_b[0], "Q1")
+  # The file repeats this (question, sentence, QuestionID) on lines 7340 and 7341: occurrences 0 and 1.
+  q, s = "what are sanuks made of", "right"
+  assert (ex.text_a[7338:7340], ex.text_b[7338:7340]) == ([q, q], [s, s])
+  assert ex.ids[7338:7340].tolist() == [row_key(q, s, "Q1029"), row_key(q, s, "Q1029", 1)]
 
 
 @pytest.mark.parametrize("task,split,counts", [
@@ -105,6 +117,52 @@ def test_missing_file_names_path_and_source(tmp_path):
 def test_data_dir_may_hold_the_files_directly(tmp_path):
   write(tmp_path, f"{WIKIQA_HEADER}\r\n{wikiqa_row('q?')}\r\n", "WikiQA-dev.tsv")
   assert len(load_split("wikiqa", "dev", data_dir=tmp_path)) == 1
+
+
+# Row keys.
+
+def test_row_key_recipe():
+  def by_hand(json_text):
+    return struct.unpack(">q", hashlib.blake2b(json_text.encode("utf-8")).digest()[:8])[0]
+  assert row_key("q?", "p.", "Q1") == by_hand('["q?","p.","Q1",0]') == -3236395708233973977
+  text_a, text_b = 'say "hi"\\\t\x01', "café\u2028"  # Quote, backslash, tab, U+0001; é and U+2028 stay raw.
+  assert row_key(text_a, text_b, None, 3) == by_hand(r'["say \"hi\"\\\t\u0001","café' + "\u2028" + '",null,3]')
+  keys = {row_key("q", "p"), row_key("q", "p", None, 1), row_key("q", "p", "G"), row_key("p", "q"), row_key("qp", "")}
+  assert len(keys) == 5
+
+
+def test_repeated_rows_get_distinct_keys(tmp_path):
+  path = write(tmp_path, "q\tp\tqid\na\tb\tQ1\na\tb\tQ1\na\tb\tQ2\na\tb\tQ1\n")
+  ex = load_split("tsv", "train", path=path, text_a_col="q", text_b_col="p", group_col="qid")
+  assert ex.ids.tolist() == [row_key("a", "b", "Q1"), row_key("a", "b", "Q1", 1), row_key("a", "b", "Q2"),
+                             row_key("a", "b", "Q1", 2)]
+  assert ex.group_names == ["Q1", "Q2"] and ex.groups.tolist() == [0, 0, 1, 0]
+  sub = ex.select([3, 2])
+  assert [sub.group_names[g] for g in sub.groups] == ["Q1", "Q2"] and sub.ids.tolist() == ex.ids[[3, 2]].tolist()
+  bare = load_split("tsv", "train", path=path, text_a_col="q", text_b_col="p")
+  assert bare.group_names is None and bare.ids.tolist() == [row_key("a", "b", None, i) for i in range(4)]
+
+
+def test_ids_stay_when_bad_rows_are_skipped(tmp_path):
+  rows = [wikiqa_row("q1?", "s1", qid="Q1"), wikiqa_row("q1?", "s2", qid="Q1"), wikiqa_row("q2?", qid="Q2"),
+          wikiqa_row("q1?", "s1", qid="Q1")]
+  clean = load_split("wikiqa", "train", path=write(tmp_path, "\n".join([WIKIQA_HEADER] + rows) + "\n"))
+  bad = [rows[0], wikiqa_row("q1?", "s1", label="9", qid="Q1"), rows[1], "Q2\tbroken", *rows[2:]]
+  skipped = load_split("wikiqa", "train", path=write(tmp_path, "\n".join([WIKIQA_HEADER] + bad) + "\n", "bad.tsv"),
+                       skip_bad_rows=True)
+  assert skipped.skipped == 2 and skipped.ids.tolist() == clean.ids.tolist()
+  assert clean.ids[3] == row_key("q1?", "s1", "Q1", 1)
+
+
+def test_hash_collisions_are_reported(tmp_path, monkeypatch):
+  monkeypatch.setattr(readers, "row_key", lambda *row: 7)
+  with pytest.raises(UserError, match="different rows share the row key 7"):
+    load_split("tsv", "train", path=write(tmp_path, "x\ty\nb\tc\nb\td\n"), text_a_col=0, text_b_col=1)
+
+
+def test_group_names_go_with_groups():
+  with pytest.raises(ValueError, match="group_names"):
+    Examples(["q"], ["p"], np.array([1], np.int32), np.array([0]), np.array([0]), "x", "f")
 
 
 # Bad input: each error names the file, the line and the problem.
@@ -189,11 +247,14 @@ def test_user_jsonl(tmp_path):
   good = '{"q": "what?", "p": "this.", "y": 1, "g": 7}\n{"q": "who?", "p": "him.", "y": "0", "g": 8}\n'
   path = write(tmp_path, good, "d.jsonl")
   ex = load_split("jsonl", "x", path=path, text_a_col="q", text_b_col="p", label_col="y", group_col="g")
-  assert ex.labels.tolist() == [1, 0] and ex.groups.tolist() == [0, 1]
+  assert ex.labels.tolist() == [1, 0] and ex.groups.tolist() == [0, 1] and ex.group_names == ["7", "8"]
+  assert ex.ids[0] == row_key("what?", "this.", "7")
   for line, message in [("{oops", r":3: not valid JSON"), ("[1]", ":3: expected a JSON object, got list"),
                         ('{"q": "a"}', r":3: missing key\(s\) \['p', 'y', 'g'\]"),
                         ('{"q": "a", "p": 3, "y": 1, "g": 1}', ":3: field 'p' must be a string"),
-                        ('{"q": "a", "p": "b", "y": true, "g": 1}', ":3: unknown label True")]:
+                        ('{"q": "a", "p": "b", "y": true, "g": 1}', ":3: unknown label True"),
+                        ('{"q": "a\\ud800", "p": "b", "y": 1, "g": 1}', ":3: field 'q' is not valid Unicode"),
+                        ('{"q": "a", "p": "b", "y": 1, "g": "\\udc00"}', ":3: field 'g' is not valid Unicode")]:
     path = write(tmp_path, good + line + "\n", "d.jsonl")
     with pytest.raises(UserError, match=message):
       load_split("jsonl", "x", path=path, text_a_col="q", text_b_col="p", label_col="y", group_col="g")
@@ -244,7 +305,8 @@ def test_tfds_records_conversion():
              {"premise": "e", "hypothesis": "f", "label": np.array(2)}]
   ex = tfds_source.examples_from_records(records, source="s", fields=("premise", "hypothesis"),
                                          drop_unlabelled=True)
-  assert (ex.text_a, ex.text_b, ex.labels.tolist(), ex.ids.tolist()) == (["a", "e"], ["b", "f"], [0, 2], [0, 1])
+  assert (ex.text_a, ex.text_b, ex.labels.tolist()) == (["a", "e"], ["b", "f"], [0, 2])
+  assert ex.ids.tolist() == [row_key("a", "b"), row_key("e", "f")] and ex.group_names is None
   kept = tfds_source.examples_from_records(records, source="s", fields=("premise", "hypothesis"))
   assert kept.labels.tolist() == [0, -1, 2]
 
@@ -260,20 +322,22 @@ def test_tfds_missing_package(monkeypatch):
 def small_examples(n_questions=6, per_question=4):
   text_a = [f"question {q}?" for q in range(n_questions) for _ in range(per_question)]
   text_b = [f"sentence {q}.{s}" for q in range(n_questions) for s in range(per_question)]
-  n = len(text_a)
-  return Examples(text_a, text_b, np.arange(n, dtype=np.int32) % 2, np.repeat(np.arange(n_questions), per_question),
-                  np.arange(n, dtype=np.int64), "mem", "fp")
+  groups = np.repeat(np.arange(n_questions), per_question)
+  ids = np.array([row_key(a, b, f"Q{g}") for a, b, g in zip(text_a, text_b, groups)], dtype=np.int64)
+  return Examples(text_a, text_b, np.arange(len(text_a), dtype=np.int32) % 2, groups, ids, "mem", "fp",
+                  group_names=[f"Q{q}" for q in range(n_questions)])
 
 
 def test_make_unlabelled_pairs():
   ex = small_examples()
   out = make_unlabelled_pairs(ex, 30, seed=1)
   assert len(out) == len(ex) + 30 and np.all(out.labels == -1)
-  assert out.text_a[:len(ex)] == ex.text_a and out.ids.tolist() == list(range(len(out)))
+  assert out.text_a[:len(ex)] == ex.text_a and out.ids[:len(ex)].tolist() == ex.ids.tolist()
+  assert out.group_names == ex.group_names and len(np.unique(out.ids)) == len(out)
   pairs = list(zip(out.text_a, out.text_b))
   assert len(set(pairs)) == len(pairs)
-  for a, b, g in zip(out.text_a[len(ex):], out.text_b[len(ex):], out.groups[len(ex):]):
-    assert a == f"question {g}?" and not b.startswith(f"sentence {g}.")
+  for a, b, g, key in zip(out.text_a[len(ex):], out.text_b[len(ex):], out.groups[len(ex):], out.ids[len(ex):]):
+    assert a == f"question {g}?" and not b.startswith(f"sentence {g}.") and key == row_key(a, b, f"Q{g}")
   again = make_unlabelled_pairs(ex, 30, seed=1)
   assert pairs == list(zip(again.text_a, again.text_b)) and again.fingerprint == out.fingerprint
   assert make_unlabelled_pairs(ex, 30, seed=2).text_b != out.text_b
@@ -281,12 +345,23 @@ def test_make_unlabelled_pairs():
     make_unlabelled_pairs(ex, 121, seed=0)
 
 
+def test_make_unlabelled_pairs_without_groups_and_on_wikiqa():
+  ex = dataclasses.replace(small_examples(), groups=None, group_names=None)
+  out = make_unlabelled_pairs(ex, 10, seed=0)
+  assert out.ids[:len(ex)].tolist() == ex.ids.tolist()
+  assert out.ids[len(ex):].tolist() == [row_key(a, b) for a, b in zip(out.text_a[len(ex):], out.text_b[len(ex):])]
+  train = load_split("wikiqa", "train", max_rows=300)
+  out = make_unlabelled_pairs(train, 200, seed=0)
+  assert out.ids[:len(train)].tolist() == train.ids.tolist() and len(np.unique(out.ids)) == len(out)
+  assert out.ids[-1] == row_key(out.text_a[-1], out.text_b[-1], out.group_names[out.groups[-1]])
+
+
 # Encoding.
 
 def test_encode(tokenizer, tmp_path):
   before = (tokenizer.truncation, tokenizer.padding)
   ex = Examples(["how are glacier caves formed?", "a " * 300], ["A cave .", "b " * 300], np.array([1, 0], np.int32),
-                np.array([0, 1]), np.array([0, 1]), "mem", "fp")
+                np.array([0, 1]), np.array([0, 1]), "mem", "fp", group_names=["Q1", "Q2"])
   enc = encode(tokenizer, ex, 16, cache_dir=tmp_path)
   assert (tokenizer.truncation, tokenizer.padding) == before
   assert enc.input_ids.shape == (2, 16) and enc.input_ids.dtype == np.int32
@@ -385,7 +460,7 @@ def test_bucketing_reduces_padding_on_wikiqa(tokenizer):
 
 def test_metrics_for_drops_ranking_metrics_without_groups():
   task = get_task("tsv")
-  grouped = Examples(["q"], ["p"], np.array([1], np.int32), np.array([0]), np.array([0]), "x", "f")
+  grouped = Examples(["q"], ["p"], np.array([1], np.int32), np.array([0]), np.array([0]), "x", "f", group_names=["Q1"])
   ungrouped = Examples(["q"], ["p"], np.array([1], np.int32), None, np.array([0]), "x", "f")
   assert task.metrics_for(grouped) == (task.metrics, "map")
   names, primary = task.metrics_for(ungrouped)

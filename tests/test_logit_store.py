@@ -73,3 +73,18 @@ def test_duplicate_ids_across_shards(tmp_path):
     store.write("t0", logits(2), np.arange(2), MANIFEST, shard=shard, num_shards=2)
   with pytest.raises(UserError, match="duplicate row ids"):
     store.read("t0", MANIFEST)
+
+
+def test_read_rows_by_row_key(tmp_path):
+  store = LogitStore(tmp_path)
+  keys = np.array([-9, 2**62, 5, -2**63, 0], dtype=np.int64)  # Row keys are any int64s.
+  store.write("t0", logits(3), keys[:3], MANIFEST, shard=0, num_shards=2)
+  store.write("t0", logits(2, 3), keys[3:], MANIFEST, shard=1, num_shards=2)
+  got = store.read_rows("t0", MANIFEST, keys[[4, 0, 3]])  # Other stored rows are left out.
+  np.testing.assert_array_equal(got, logits(5)[[4, 0, 3]])
+  assert got.dtype == np.float32 and store.read_rows("t0", MANIFEST, []).shape == (0, 2)
+  with pytest.raises(StaleStoreError, match=r"t0: no logits for 2 of 3 requested rows \(first row keys: \[7, 8\]\)"
+                                            r".*rerun the logits stage"):
+    store.read_rows("t0", MANIFEST, [7, 5, 8])
+  with pytest.raises(StaleStoreError, match="data: stored 'sha-def'"):
+    store.read_rows("t0", dict(MANIFEST, data="sha-xyz"), keys)

@@ -1,9 +1,9 @@
 """Data layer: task registry and readers, tokenization, bucketed batching and the teacher-logit store."""
 from mkdm_jax.data.batching import batches, num_batches
 from mkdm_jax.data.logit_store import LogitStore, StaleStoreError
-from mkdm_jax.data.readers import Examples
+from mkdm_jax.data.readers import Examples, row_key
 from mkdm_jax.data.tasks import TASKS, TaskSpec, get_task, load_split, make_unlabelled_pairs, resolve_data_dir
 from mkdm_jax.data.tokenize import Encoded, encode
 
-__all__ = ["Examples", "TaskSpec", "get_task", "TASKS", "resolve_data_dir", "load_split", "make_unlabelled_pairs",
-           "encode", "Encoded", "batches", "num_batches", "LogitStore", "StaleStoreError"]
+__all__ = ["Examples", "row_key", "TaskSpec", "get_task", "TASKS", "resolve_data_dir", "load_split",
+           "make_unlabelled_pairs", "encode", "Encoded", "batches", "num_batches", "LogitStore", "StaleStoreError"]

@@ -4,6 +4,7 @@ Layout: `<root>/<name>/{logits.npy, ids.npy, manifest.json}` for one shard, or
 `<root>/<name>/shard-<i>-of-<n>/{...}` for per-process shards (merged on read). Each shard is written in a
 temporary folder (manifest last) and renamed into place, so a folder without manifest.json is incomplete.
 The manifest (e.g. teacher checkpoint fingerprint, data fingerprint, max_length) must equal the expected one.
+Rows are identified by their ids, `Examples.ids` (`row_key`s), so any tokenization can read them back.
 """
 import json
 import os
@@ -104,6 +105,19 @@ class LogitStore:
     if len(np.unique(ids)) != len(ids):
       raise UserError(f"{self.root / name}: duplicate row ids; delete the folder and recompute")
     return logits, ids
+
+  def read_rows(self, name: str, expected_manifest: dict, ids) -> np.ndarray:
+    """[len(ids), C] logits of `name` for the rows with these ids, in this order (other stored rows are
+    ignored); StaleStoreError if stale or if some rows are not stored."""
+    logits, stored = self.read(name, expected_manifest)
+    position = {key: i for i, key in enumerate(stored.tolist())}
+    wanted = np.asarray(ids, dtype=np.int64).tolist()
+    missing = [key for key in wanted if key not in position]
+    if missing:
+      raise StaleStoreError(f"{self.root / name}: no logits for {len(missing)} of {len(wanted)} requested rows "
+                            f"(first row keys: {missing[:5]}); the store was made for other rows: rerun the "
+                            "logits stage")
+    return logits[[position[key] for key in wanted]]
 
   def has(self, name: str, expected_manifest: dict) -> bool:
     """Whether complete logits with exactly this manifest are stored."""

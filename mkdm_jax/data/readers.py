@@ -8,7 +8,9 @@ File rules (both formats):
     `Examples.skipped` and reported once through `logging`.
   * Empty files and header-only files always raise.
 TSV has no quoting (WikiQA sentences contain bare quotes): fields are split on every tab.
+Row ids are `row_key`s of the rows' texts and raw group, so they do not move when other rows are skipped.
 """
+import collections
 import dataclasses
 import hashlib
 import json
@@ -22,23 +24,77 @@ from mkdm_jax.errors import UserError
 _log = logging.getLogger(__name__)
 
 
+# Part of every fingerprint made here: caches and logit stores made before ids were `row_key`s (they were
+# positions 0..N-1) have other fingerprints, so they are recomputed rather than read with the wrong ids.
+ID_SCHEME = "row_key/1"
+
+
+def row_key(text_a: str, text_b: str, group: str | None = None, occurrence: int = 0) -> int:
+  r"""The id of a row: a signed 64-bit integer that anyone can recompute from the data.
+
+  Recipe: write the JSON array [text_a, text_b, group, occurrence] with no whitespace (group is null when
+  the data has no group column; occurrence is a decimal integer), writing non-ASCII characters as they are
+  and escaping only " and \ (as \" and \\) and the control characters U+0000..U+001F (as \b \t \n \f \r,
+  the others as \u00xx with lower-case hex digits). Encode it as UTF-8, take the first 8 bytes of its
+  BLAKE2b digest (the default 64-byte digest, no key) and read them as a big-endian two's-complement
+  integer. Python's json.dumps(value, ensure_ascii=False, separators=(",", ":")) and JavaScript's
+  JSON.stringify(value) write exactly this JSON: row_key("q?", "p.", "Q1") hashes ["q?","p.","Q1",0].
+  `group` is the raw group value as a string (e.g. WikiQA's QuestionID). `occurrence` is 0 for the first
+  row with this (text_a, text_b, group) in a file, 1 for the next identical one, and so on.
+  """
+  text = json.dumps([text_a, text_b, group, occurrence], ensure_ascii=False, separators=(",", ":"))
+  return int.from_bytes(hashlib.blake2b(text.encode("utf-8")).digest()[:8], "big", signed=True)
+
+
+def check_unique_ids(ids: np.ndarray, source: str):
+  """Raises UserError if two rows share an id (a 64-bit hash collision of two different rows)."""
+  keys, counts = np.unique(ids, return_counts=True)
+  if np.any(counts > 1):
+    raise UserError(f"{source}: different rows share the row key {keys[counts > 1][0]} (a hash collision); "
+                    "change one character of one of them")
+
+
+def row_keys(text_a: list[str], text_b: list[str], groups: list[str] | None, source: str) -> np.ndarray:
+  """int64 [N] `row_key`s of rows in file order; `groups` holds each row's raw group, or is None."""
+  occurrences = collections.Counter()
+  keys = []
+  for row in zip(text_a, text_b, groups or [None] * len(text_a)):
+    keys.append(row_key(*row, occurrences[row]))
+    occurrences[row] += 1
+  ids = np.array(keys, dtype=np.int64)
+  check_unique_ids(ids, source)
+  return ids
+
+
 @dataclasses.dataclass
 class Examples:
-  """Sentence pairs with labels (-1 = none), optional question groups and stable row ids."""
+  """Sentence pairs with labels (-1 = none), optional question groups and stable row ids.
+
+  `fingerprint` identifies the rows, ids included (readers hash the file, the read options and
+  `ID_SCHEME`; `select` and `make_unlabelled_pairs` derive theirs from the parent's).
+  """
   text_a: list[str]
   text_b: list[str]
   labels: np.ndarray  # int32 [N], -1 = no label
   groups: np.ndarray | None  # int64 [N] group code (question index in order of first appearance)
-  ids: np.ndarray  # int64 [N] row ids (0..N-1 in file order for a freshly read file)
+  ids: np.ndarray  # int64 [N] unique row ids: `row_key`s for data from a reader
   source: str
   fingerprint: str
   skipped: int = 0
+  group_names: list[str] | None = None  # raw group id of each group code; set exactly when `groups` is
+
+  def __post_init__(self):
+    if (self.groups is None) != (self.group_names is None):
+      raise ValueError("give group_names (the raw group id of each code) exactly when groups are given")
 
   def __len__(self):
     return len(self.text_a)
 
   def select(self, indices) -> "Examples":
-    """Rows at `indices` (positions), with a fingerprint derived from the parent's and the indices."""
+    """Rows at `indices` (positions), with a fingerprint derived from the parent's and the indices.
+
+    Group codes and `group_names` are kept as they are (names of groups left without rows stay).
+    """
     idx = np.asarray(indices, dtype=np.int64)
     return dataclasses.replace(
         self,
@@ -68,13 +124,22 @@ def parse_label(value, label_names: list[str]) -> int:
   raise RowError(f"unknown label {value!r}; allowed: {allowed} or 0..{len(label_names) - 1}")
 
 
+def check_unicode(value: str, column) -> str:
+  """`value`, if it is valid Unicode (JSON escapes can make lone surrogates, which `row_key` cannot hash)."""
+  try:
+    value.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise RowError(f"field {column!r} is not valid Unicode (lone surrogate at character {e.start + 1})") from None
+  return value
+
+
 def check_text(value, column) -> str:
   """A non-empty text field."""
   if not isinstance(value, str):
     raise RowError(f"field {column!r} must be a string, got {type(value).__name__}")
   if not value.strip():
     raise RowError(f"empty {column!r} field")
-  return value
+  return check_unicode(value, column)
 
 
 def _read_lines(path: Path) -> tuple[list[bytes], str]:
@@ -105,15 +170,17 @@ def _build(path, rows, file_sha, options, skipped, first_error) -> Examples:
     _log.warning("%s: skipped %d malformed rows (first: %s)", path, skipped, first_error)
   if not rows:
     raise UserError(f"{path}: no valid data rows" + (f" ({skipped} malformed rows skipped)" if skipped else ""))
-  text_a, text_b, labels, groups = zip(*rows)
+  text_a, text_b, labels, groups = (list(column) for column in zip(*rows))
   if groups[0] is None:
-    codes = None
+    groups = codes = names = None
   else:
     index = {}
     codes = np.array([index.setdefault(g, len(index)) for g in groups], dtype=np.int64)
-  fingerprint = hashlib.sha256((file_sha + json.dumps(options, sort_keys=True)).encode()).hexdigest()
-  return Examples(list(text_a), list(text_b), np.array(labels, dtype=np.int32), codes,
-                  np.arange(len(rows), dtype=np.int64), str(path), fingerprint, skipped)
+    names = list(index)
+  ids = row_keys(text_a, text_b, groups, str(path))
+  fingerprint = hashlib.sha256((file_sha + json.dumps(dict(options, ids=ID_SCHEME), sort_keys=True)).encode())
+  return Examples(text_a, text_b, np.array(labels, dtype=np.int32), codes, ids, str(path),
+                  fingerprint.hexdigest(), skipped, names)
 
 
 def _collect(path, lines, parse_row, *, skip_bad_rows, max_rows, whole_groups):
@@ -236,7 +303,7 @@ def read_jsonl(path, *, text_a_col, text_b_col, label_col=None, group_col=None, 
       group = obj[group_col]
       if not isinstance(group, (str, int)) or isinstance(group, bool) or not str(group).strip():
         raise RowError(f"group {group_col!r} must be a non-empty string or an integer, got {group!r}")
-      group = str(group)
+      group = check_unicode(str(group), group_col)
     return a, b, label, group
 
   rows, skipped, first_error = _collect(path, enumerate(lines, start=1), parse_row, skip_bad_rows=skip_bad_rows,

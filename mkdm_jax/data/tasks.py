@@ -167,8 +167,8 @@ def make_unlabelled_pairs(examples: Examples, num_extra: int, seed: int) -> Exam
   """TMKD stage-1 data: `examples` with labels dropped (-1) plus `num_extra` new pairs.
 
   A new pair joins a question (uniform over groups; rows when there are no groups) with a second text of
-  a row from another group, never repeating an existing pair. Deterministic given `seed`. New rows get
-  the question's group and ids after the largest existing id.
+  a row from another group, never repeating an existing pair. Deterministic given `seed`. Existing rows
+  keep their ids; a new row gets the question's group and the id `row_key(question, text_b, raw group)`.
   """
   n = len(examples)
   groups = examples.groups if examples.groups is not None else np.arange(n)
@@ -189,12 +189,15 @@ def make_unlabelled_pairs(examples: Examples, num_extra: int, seed: int) -> Exam
     raise UserError(f"{examples.source}: found only {len(new)} of {num_extra} new question-passage pairs; "
                     "ask for fewer")
   q_rows = np.array([q for q, _ in new], dtype=np.int64)
-  start = int(examples.ids.max()) + 1
+  q_groups = [None] * num_extra if examples.groups is None else [examples.group_names[g] for g in groups[q_rows]]
+  new_ids = [readers.row_key(examples.text_a[q], examples.text_b[j], g) for (q, j), g in zip(new, q_groups)]
+  ids = np.concatenate([examples.ids, np.array(new_ids, dtype=np.int64)])
+  readers.check_unique_ids(ids, examples.source)
   return dataclasses.replace(
       examples,
       text_a=examples.text_a + [examples.text_a[q] for q, _ in new],
       text_b=examples.text_b + [examples.text_b[j] for _, j in new],
       labels=np.full(n + num_extra, -1, dtype=np.int32),
       groups=None if examples.groups is None else np.concatenate([examples.groups, examples.groups[q_rows]]),
-      ids=np.concatenate([examples.ids, np.arange(start, start + num_extra, dtype=np.int64)]),
+      ids=ids,
       fingerprint=hashlib.sha256(f"{examples.fingerprint}:unlabelled:{num_extra}:{seed}".encode()).hexdigest())

@@ -7,7 +7,7 @@ import hashlib
 
 import numpy as np
 
-from mkdm_jax.data.readers import Examples
+from mkdm_jax.data.readers import ID_SCHEME, Examples, row_keys
 from mkdm_jax.errors import UserError
 
 # tfds name -> (first text field, second text field).
@@ -48,10 +48,10 @@ def _text(value) -> str:
 def examples_from_records(records, *, source, fields, drop_unlabelled=False, max_rows=None) -> Examples:
   """Examples from an iterable of tfds feature dicts (bytes or str text, int or 0-d array labels).
 
-  Row ids are 0..N-1 over the rows kept; `max_rows` counts kept rows.
+  Row ids are `row_key`s without a group (repeated pairs numbered); `max_rows` counts kept rows.
   """
   text_a, text_b, labels = [], [], []
-  digest = hashlib.sha256(source.encode())
+  digest = hashlib.sha256(f"{source}\n{ID_SCHEME}\n".encode())
   for record in records:
     if max_rows is not None and len(labels) >= max_rows:
       break
@@ -65,5 +65,5 @@ def examples_from_records(records, *, source, fields, drop_unlabelled=False, max
     digest.update(f"{len(a)}:{a}{len(b)}:{b}{label}\n".encode())
   if not labels:
     raise UserError(f"{source}: no rows")
-  return Examples(text_a, text_b, np.array(labels, dtype=np.int32), None,
-                  np.arange(len(labels), dtype=np.int64), source, digest.hexdigest())
+  return Examples(text_a, text_b, np.array(labels, dtype=np.int32), None, row_keys(text_a, text_b, None, source),
+                  source, digest.hexdigest())
