@@ -5,8 +5,15 @@ Rows with label -1 are ignored. Binary metrics score class 1: precision/recall/f
 scores given their average rank (nan when only one class is present).
 
 `map` / `mrr` follow the WikiQA answer-selection protocol (the `*-filtered.ref` files): per question
-(`groups`), candidates are ranked by probs[:, 1], descending, ties kept in their original row order; only
-questions with at least one positive and at least one negative candidate are evaluated.
+(`groups`), candidates are ranked by probs[:, 1], descending; only questions with at least one positive
+and at least one negative candidate are evaluated. Ties are broken pessimistically: within a block of
+equal scores the negatives rank first, so a positive tied with negatives ranks below all of them. Row
+order never matters (WikiQA lists candidates in document order, which alone scores 0.633 MAP).
+
+Given a `threshold` on probs[:, 1] (binary tasks; tune it with `best_f1_threshold` on dev data),
+`compute` also returns `accuracy_at_threshold` and `f1_at_threshold`, predicting class 1 when
+probs[:, 1] >= threshold: argmax (a 0.5 threshold) means little when training pairs are balanced and
+test candidates mostly negative.
 """
 import numpy as np
 
@@ -36,24 +43,62 @@ def evaluated_groups(labels: np.ndarray, groups: np.ndarray) -> np.ndarray:
   return keys[(pos > 0) & (neg > 0)]
 
 
-def ranking(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
-  """(MAP, MRR) over the evaluated groups; nan when there are none."""
-  keep = np.flatnonzero(np.isin(groups, evaluated_groups(labels, groups)))
-  if not len(keep):
-    return float("nan"), float("nan")
-  keep = keep[np.argsort(groups[keep], kind="stable")]
+def average_precisions(labels, scores, groups) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(group keys, average precision, reciprocal rank) per evaluated group, keys sorted; ties pessimistic."""
+  labels, scores, groups = np.asarray(labels), np.asarray(scores), np.asarray(groups)
+  keys = evaluated_groups(labels, groups)
+  keep = np.flatnonzero((labels >= 0) & np.isin(groups, keys))
+  keep = keep[np.argsort(groups[keep])]
   boundaries = np.flatnonzero(groups[keep][1:] != groups[keep][:-1]) + 1
-  average_precisions, reciprocal_ranks = [], []
-  for rows in np.split(keep, boundaries):
-    ranked = rows[np.argsort(-scores[rows], kind="stable")]  # Ties keep row order.
+  ap, rr = np.zeros(len(keys)), np.zeros(len(keys))
+  if not len(keys):
+    return keys, ap, rr
+  for i, rows in enumerate(np.split(keep, boundaries)):
+    ranked = rows[np.lexsort((labels[rows], -scores[rows]))]  # Score descending, then negatives first.
     hit_ranks = np.flatnonzero(labels[ranked] == 1) + 1
-    average_precisions.append(np.mean(np.arange(1, len(hit_ranks) + 1) / hit_ranks))
-    reciprocal_ranks.append(1 / hit_ranks[0])
-  return float(np.mean(average_precisions)), float(np.mean(reciprocal_ranks))
+    ap[i] = np.mean(np.arange(1, len(hit_ranks) + 1) / hit_ranks)
+    rr[i] = 1 / hit_ranks[0]
+  return keys, ap, rr
 
 
-def compute(metric_names, labels, probs, groups=None) -> dict[str, float]:
-  """The named metrics of `probs` [N, C] against `labels` [N] (-1 = ignored); groups for map/mrr."""
+def ranking(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
+  """(MAP, MRR): the means of `average_precisions`; nan when no group is evaluated."""
+  _, ap, rr = average_precisions(labels, scores, groups)
+  if not len(ap):
+    return float("nan"), float("nan")
+  return float(ap.mean()), float(rr.mean())
+
+
+def best_f1_threshold(labels, scores) -> float:
+  """The score threshold maximising F1 of predicting 1 when score >= threshold; ties: the larger one.
+
+  Candidates are the distinct scores of the labelled rows. Hand-written rather than
+  sklearn.metrics.precision_recall_curve: scikit-learn is only a test requirement.
+  """
+  labels, scores = np.asarray(labels), np.asarray(scores)
+  positives = labels[labels >= 0] == 1
+  if not positives.any():
+    raise UserError("best_f1_threshold needs at least one positive label")
+  thresholds, inverse = np.unique(scores[labels >= 0], return_inverse=True)
+  suffix_sum = lambda x: np.cumsum(x[::-1])[::-1]  # Rows with score >= each threshold.
+  true_pos = suffix_sum(np.bincount(inverse, weights=positives, minlength=len(thresholds)))
+  predicted = suffix_sum(np.bincount(inverse, minlength=len(thresholds)))
+  f1 = 2 * true_pos / (predicted + positives.sum())  # 2TP / (2TP + FP + FN).
+  return float(thresholds[np.flatnonzero(f1 == f1.max())[-1]])
+
+
+def _precision_recall_f1(labels, predicted) -> tuple[float, float, float]:
+  true_pos = float(np.sum((predicted == 1) & (labels == 1)))
+  precision = true_pos / max(np.sum(predicted == 1), 1)
+  recall = true_pos / max(np.sum(labels == 1), 1)
+  return precision, recall, 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+
+
+def compute(metric_names, labels, probs, groups=None, threshold=None) -> dict[str, float]:
+  """The named metrics of `probs` [N, C] against `labels` [N] (-1 = ignored); groups for map/mrr.
+
+  With `threshold` (binary only) also `accuracy_at_threshold` and `f1_at_threshold`.
+  """
   unknown = [m for m in metric_names if m not in METRICS]
   if unknown:
     raise UserError(f"unknown metric(s) {unknown}; known: {', '.join(METRICS)}")
@@ -61,24 +106,24 @@ def compute(metric_names, labels, probs, groups=None) -> dict[str, float]:
   binary_only = [m for m in metric_names if m in _BINARY_ONLY]
   if binary_only and probs.shape[1] != 2:
     raise UserError(f"metric(s) {binary_only} need 2 classes, got {probs.shape[1]}")
+  if threshold is not None and probs.shape[1] != 2:
+    raise UserError(f"a threshold needs 2 classes, got {probs.shape[1]}")
   if {"map", "mrr"} & set(metric_names) and groups is None:
     raise UserError("metrics map/mrr need question groups (for tsv/jsonl data, give group_col)")
+  names = list(metric_names) + (["accuracy_at_threshold", "f1_at_threshold"] if threshold is not None else [])
   keep = labels >= 0
   if not keep.any():
-    return {m: float("nan") for m in metric_names}
+    return {m: float("nan") for m in names}
   labels, probs = labels[keep], probs[keep]
   predicted = probs.argmax(axis=1)
-  true_pos = float(np.sum((predicted == 1) & (labels == 1)))
-  precision = true_pos / max(np.sum(predicted == 1), 1)
-  recall = true_pos / max(np.sum(labels == 1), 1)
-  results = {
-      "accuracy": float(np.mean(predicted == labels)),
-      "precision": precision,
-      "recall": recall,
-      "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-  }
+  results = dict(zip(("precision", "recall", "f1"), _precision_recall_f1(labels, predicted)))
+  results["accuracy"] = float(np.mean(predicted == labels))
+  if threshold is not None:
+    predicted = (probs[:, 1] >= threshold).astype(int)
+    results["accuracy_at_threshold"] = float(np.mean(predicted == labels))
+    results["f1_at_threshold"] = _precision_recall_f1(labels, predicted)[2]
   if "auc" in metric_names:
     results["auc"] = roc_auc(labels, probs[:, 1])
   if {"map", "mrr"} & set(metric_names):
     results["map"], results["mrr"] = ranking(labels, probs[:, 1], np.asarray(groups)[keep])
-  return {m: results[m] for m in metric_names}
+  return {m: results[m] for m in names}

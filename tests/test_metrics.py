@@ -1,9 +1,17 @@
-"""Tests of mkdm_jax.metrics against scikit-learn, hand-worked rankings and the WikiQA reference files."""
+"""Tests of mkdm_jax.metrics: scikit-learn, trec_eval, hand-worked rankings and the WikiQA reference files."""
+# ir-measures (terrier-org, maintained) computes AP and RR with trec_eval's own C code (through
+# pytrec-eval-terrier, its one dependency), installs as two wheels and imports in a tenth of a second;
+# ranx needs numba (JIT compiles on first use) and pulls ir_datasets, pandas and seaborn.
+import ir_measures
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn import metrics as skm
 
-from mkdm_jax import metrics
+from mkdm_jax import metrics, models
 from mkdm_jax.data import load_split, resolve_data_dir
 from mkdm_jax.errors import UserError
 
@@ -47,7 +55,7 @@ def test_edge_cases():
 
 def test_map_mrr_hand_worked():
   # Question 0: ranked by score: rows 2 (+), 0 (-), 3 (+), 1 (-): AP = (1/1 + 2/3) / 2 = 5/6, RR = 1.
-  # Question 1: rows 5 and 6 tie at 0.5 and keep row order: 4 (-, 0.9), 5 (-), 6 (+): AP = 1/3, RR = 1/3.
+  # Question 1: rows 5 (-) and 6 (+) tie at 0.5, the negative first: 4 (-, 0.9), 5, 6: AP = 1/3, RR = 1/3.
   # Question 2 (no positive), question 3 (only positives) and the unlabelled row 11 are not evaluated.
   labels = [0, 0, 1, 1, 0, 0, 1, 0, 0, 1, 1, -1]
   scores = [0.6, 0.1, 0.9, 0.4, 0.9, 0.5, 0.5, 0.3, 0.2, 0.7, 0.8, 0.99]
@@ -74,6 +82,143 @@ def test_wikiqa_protocol_matches_reference_files():
   np.testing.assert_array_equal(kept + 1, np.unique(ref[:, 0]))
   in_ref = np.isin(test.groups, kept)
   np.testing.assert_array_equal(test.labels[in_ref], ref[:, 3])
-  # Sentence-order ranker: the file lists each question's sentences in document order.
-  got = metrics.compute(["map", "mrr"], test.labels, binary_probs(1 - test.ids / len(test)), test.groups)
+  # Sentence-order ranker: the file lists each question's sentences in document order, as do our rows.
+  position = np.arange(len(test)) / len(test)
+  got = metrics.compute(["map", "mrr"], test.labels, binary_probs(1 - position), test.groups)
   assert got["map"] == pytest.approx(0.633, abs=5e-4) and got["mrr"] == pytest.approx(0.634, abs=5e-4)
+
+
+@pytest.mark.parametrize("labels, scores, ap, rr", [
+    ([1, 0, 0], [0.5, 0.5, 0.5], 1 / 3, 1 / 3),  # The positive ranks below its tied negatives.
+    ([0, 0, 1], [0.5, 0.5, 0.5], 1 / 3, 1 / 3),
+    ([1, 1, 0], [0.7, 0.7, 0.3], 1, 1),  # Ties among positives cost nothing.
+    # 0.9 (-) at rank 1; tie block at ranks 2-5: the two negatives, then the two positives; 0.1 (+) at rank 6.
+    ([0, 1, 0, 1, 0, 1], [0.9, 0.5, 0.5, 0.5, 0.5, 0.1], (1 / 4 + 2 / 5 + 3 / 6) / 3, 1 / 4),
+])
+def test_ties_rank_pessimistically(labels, scores, ap, rr):
+  got = metrics.compute(["map", "mrr"], labels, binary_probs(scores), [7] * len(labels))
+  assert got == {"map": pytest.approx(ap), "mrr": pytest.approx(rr)}
+
+
+def test_average_precisions_per_group():
+  # Group "b": 0.9 (+), 0.2 (-): AP = RR = 1. Group "a": 0.5 (-), 0.4 (+), 0.3 (+): AP = (1/2 + 2/3) / 2,
+  # RR = 1/2; its unlabelled row (0.99) is ignored. Group "c" has no negative and is not evaluated.
+  labels = [0, 1, 0, 1, -1, 1, 1]
+  scores = [0.2, 0.9, 0.5, 0.4, 0.99, 0.3, 0.1]
+  groups = ["b", "b", "a", "a", "a", "a", "c"]
+  keys, ap, rr = metrics.average_precisions(labels, scores, groups)
+  assert keys.tolist() == ["a", "b"]
+  np.testing.assert_allclose(ap, [(1 / 2 + 2 / 3) / 2, 1])
+  np.testing.assert_allclose(rr, [1 / 2, 1])
+  assert metrics.ranking(np.array(labels), np.array(scores), np.array(groups)) == (ap.mean(), rr.mean())
+  keys, ap, rr = metrics.average_precisions([1, 1], [0.1, 0.2], [0, 0])
+  assert len(keys) == len(ap) == len(rr) == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 1), st.sampled_from([0.0, 0.5, 1.0])),
+                     min_size=1, max_size=12),
+       data=st.data())
+def test_ranking_ignores_row_order(rows, data):
+  groups, labels, scores = map(np.array, zip(*rows))
+  order = np.array(data.draw(st.permutations(range(len(rows)))))
+  keys, ap, rr = metrics.average_precisions(labels, scores, groups)
+  shuffled = metrics.average_precisions(labels[order], scores[order], groups[order])
+  np.testing.assert_array_equal(keys, shuffled[0])
+  np.testing.assert_array_equal(ap, shuffled[1])
+  np.testing.assert_array_equal(rr, shuffled[2])
+
+
+def minilm_relevance(examples, checkpoint, batch_size=64):
+  """Zero-shot relevance: cosine of mean-pooled MiniLM embeddings of text_a and text_b (each text once)."""
+  config, params = models.load_hf_bert(checkpoint)
+  tokenizer = models.load_tokenizer(checkpoint)
+  tokenizer.enable_truncation(64)
+  encoder = models.BertEncoder(config)
+
+  @jax.jit
+  def embed(ids, mask):
+    hidden = encoder.apply({"params": params}, ids, jnp.zeros_like(ids), mask)["sequence"]
+    mean = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+    return mean / jnp.linalg.norm(mean, axis=-1, keepdims=True)
+
+  texts = sorted(set(examples.text_a) | set(examples.text_b))
+  tokens = [e.ids for e in tokenizer.encode_batch(texts)]
+  by_length = np.argsort([len(t) for t in tokens])
+  vectors = np.zeros((len(texts), config.hidden_size), np.float32)
+  for start in range(0, len(texts), batch_size):
+    rows = by_length[start:start + batch_size]
+    width = -(-len(tokens[rows[-1]]) // 16) * 16  # The longest, rounded up: a few widths to compile.
+    ids, mask = np.zeros((2, batch_size, width), np.int32)
+    mask[:, 0] = 1  # Rows past the last text stay valid (attending to [PAD]) and are dropped.
+    for i, row in enumerate(rows):
+      ids[i, :len(tokens[row])], mask[i, :len(tokens[row])] = tokens[row], 1
+    vectors[rows] = np.asarray(embed(ids, mask))[:len(rows)]
+  index = {text: i for i, text in enumerate(texts)}
+  embedded = lambda column: vectors[[index[text] for text in column]]
+  return np.sum(embedded(examples.text_a) * embedded(examples.text_b), axis=1)
+
+
+def test_map_mrr_match_trec_eval_on_minilm_scores(minilm_dir):
+  dev = load_split("wikiqa", "dev")
+  scores = minilm_relevance(dev, minilm_dir)
+  kept = metrics.evaluated_groups(dev.labels, dev.groups)
+  # Tie-free, so no tie rule matters (ir-measures documents none). Only evaluated questions are checked:
+  # unevaluated question 9 lists one sentence twice.
+  for group in kept:
+    assert len(np.unique(scores[dev.groups == group])) == np.sum(dev.groups == group)
+  rows = np.flatnonzero(np.isin(dev.groups, kept))
+  qrels = [ir_measures.Qrel(str(dev.groups[i]), str(i), int(dev.labels[i])) for i in rows]
+  run = [ir_measures.ScoredDoc(str(dev.groups[i]), str(i), float(scores[i])) for i in rows]
+  measures = [ir_measures.AP, ir_measures.RR]
+  theirs = {(m.query_id, str(m.measure)): m.value for m in ir_measures.iter_calc(measures, qrels, run)}
+  keys, ap, rr = metrics.average_precisions(dev.labels, scores, dev.groups)
+  np.testing.assert_array_equal(keys, kept)
+  np.testing.assert_allclose(ap, [theirs[str(k), "AP"] for k in keys], rtol=0, atol=1e-6)
+  np.testing.assert_allclose(rr, [theirs[str(k), "RR"] for k in keys], rtol=0, atol=1e-6)
+  ours = metrics.compute(["map", "mrr"], dev.labels, binary_probs(scores), dev.groups)
+  aggregate = ir_measures.calc_aggregate(measures, qrels, run)
+  assert ours["map"] == pytest.approx(aggregate[ir_measures.AP], abs=1e-6)
+  assert ours["mrr"] == pytest.approx(aggregate[ir_measures.RR], abs=1e-6)
+
+
+@pytest.mark.parametrize("labels, scores, threshold", [
+    # F1 = 2TP / (predicted + positives) for thresholds 0.1 ... 0.9: 6/9, 6/8, 4/7, 4/6, 2/5, 0.
+    ([0, 1, 0, 1, 1, 0], [0.1, 0.2, 0.3, 0.4, 0.8, 0.9], 0.2),
+    # 0.9 and 0.2 both give F1 = 2/3 (0.6: 1/2, 0.5: 2/5): the larger threshold wins.
+    ([1, 0, 0, 1], [0.9, 0.6, 0.5, 0.2], 0.9),
+    # Tied scores: 0.7 -> 2/(2+2), 0.4 -> 4/(4+2), 0.1 -> 4/(5+2); the unlabelled 0.95 is no candidate.
+    ([1, 0, 1, 1, 0, -1], [0.7, 0.7, 0.4, 0.4, 0.1, 0.95], 0.4),
+])
+def test_best_f1_threshold_hand_worked(labels, scores, threshold):
+  assert metrics.best_f1_threshold(labels, scores) == threshold
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_best_f1_threshold_against_sklearn(seed):
+  rng = np.random.default_rng(seed)
+  labels = (rng.random(200) < 0.1).astype(int)
+  scores = np.round(rng.random(200) * 0.5 + 0.3 * labels, 2)  # Mostly negative, with ties.
+  f1 = {t: skm.f1_score(labels, scores >= t) for t in np.unique(scores)}
+  best = max(f1.values())
+  got = metrics.best_f1_threshold(labels, scores)
+  assert got == max(t for t, v in f1.items() if v == pytest.approx(best, abs=1e-12))
+  results = metrics.compute(["f1"], labels, binary_probs(scores), threshold=got)
+  assert results["f1_at_threshold"] == pytest.approx(best)
+  assert results["accuracy_at_threshold"] == pytest.approx(skm.accuracy_score(labels, scores >= got))
+  with pytest.raises(UserError, match="at least one positive"):
+    metrics.best_f1_threshold([0, 0, -1], [0.1, 0.2, 0.3])
+
+
+def test_compute_at_threshold():
+  # probs[:, 1] >= 0.3 predicts 1 1 0 1 (argmax: 1 0 0 0); the unlabelled row is ignored. TP 2, FP 1, FN 0.
+  labels, scores = [1, 0, 0, 1, -1], [0.6, 0.4, 0.2, 0.3, 0.9]
+  got = metrics.compute(["accuracy", "f1"], labels, binary_probs(scores), threshold=0.3)
+  assert got == {"accuracy": 0.75, "f1": pytest.approx(2 / 3), "accuracy_at_threshold": 0.75,
+                 "f1_at_threshold": pytest.approx(0.8)}
+  assert set(metrics.compute(["accuracy"], labels, binary_probs(scores))) == {"accuracy"}
+  unlabelled = metrics.compute(["accuracy"], [-1], binary_probs([0.5]), threshold=0.5)
+  assert set(unlabelled) == {"accuracy", "accuracy_at_threshold", "f1_at_threshold"}
+  assert all(np.isnan(v) for v in unlabelled.values())
+  with pytest.raises(UserError, match="threshold needs 2 classes, got 3"):
+    metrics.compute(["accuracy"], [0, 1, 2], np.eye(3), threshold=0.5)
