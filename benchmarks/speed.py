@@ -19,7 +19,10 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import mkdm_jax  # noqa: E402,F401  (sets XLA CPU flags before jax is imported)
+from mkdm_jax import runtime  # noqa: E402
+
+runtime.configure_xla_cpu()  # before jax is imported
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -30,7 +33,7 @@ from mkdm_jax.allocator import keep_freed_memory  # noqa: E402
 from mkdm_jax.data import batching  # noqa: E402
 from mkdm_jax import models  # noqa: E402
 from mkdm_jax.models import cpu_attention  # noqa: E402
-from mkdm_jax.models.checkpoints import encoder_params_to_hf_state  # noqa: E402
+from mkdm_jax.models.hf_files import encoder_params_to_hf_state  # noqa: E402
 from mkdm_jax.train import optim  # noqa: E402
 from mkdm_jax.train import step as step_lib  # noqa: E402
 

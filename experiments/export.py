@@ -11,7 +11,10 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import mkdm_jax  # noqa: E402,F401  (sets XLA CPU flags before jax is imported)
+from mkdm_jax import runtime  # noqa: E402
+
+runtime.configure_xla_cpu()  # before jax is imported
+
 from absl import app, flags  # noqa: E402
 
 from mkdm_jax import models, saved_model  # noqa: E402

@@ -1,71 +1,51 @@
-"""Work-directory lock, the user cache directory and the command-line error boundary of the scripts."""
+"""Work-directory lock and the command-line error boundary of the scripts."""
 import logging
 import os
 import socket
 import sys
 from pathlib import Path
 
+import filelock
+
 from mkdm_jax.errors import UserError
 
-log = logging.getLogger(__name__)
 LOCK_FILE = '.lock'
+OWNER_FILE = '.lock.owner'
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, the conventional status of a job stopped by SIGTERM
 
 
-def cache_dir() -> Path:
-  """Converted checkpoints and built kernels: $MKDM_CACHE_DIR, default ~/.cache/mkdm_jax."""
-  return Path(os.environ.get('MKDM_CACHE_DIR', '~/.cache/mkdm_jax')).expanduser()
-
-
-def _pid_alive(pid):
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
-
-
 class WorkdirLock:
-  """One run per work directory: `<workdir>/.lock` holds the owner's host and pid.
+  """One run per work directory: an OS file lock (filelock) on `<workdir>/.lock`.
 
-  A lock left by a dead process on this host is taken over with a warning; a live owner (or one on
-  another host, whose liveness cannot be checked) makes the new run refuse with a clear message.
+  The OS releases the lock when its process dies, so a crashed or killed run never blocks the next one.
+  The holder writes its host and pid to `<workdir>/.lock.owner`, which names it when another run is refused.
   """
 
   def __init__(self, workdir):
     self.path = Path(workdir) / LOCK_FILE
-    self.owner = f'{socket.gethostname()} {os.getpid()}'
+    self.owner_path = Path(workdir) / OWNER_FILE
+    self._lock = filelock.FileLock(self.path)
 
   def __enter__(self):
-    while True:
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-      except FileExistsError:
-        self._check_existing()
-        continue
-      with os.fdopen(fd, 'w') as f:
-        f.write(self.owner)
-      return self
-
-  def _check_existing(self):
     try:
-      host, pid = self.path.read_text().split()
-      pid = int(pid)
-    except (FileNotFoundError, ValueError):
-      host, pid = socket.gethostname(), -1  # vanished or half-written: treat as stale
-    if host != socket.gethostname() or (pid > 0 and _pid_alive(pid)):
-      raise UserError(f'work directory {self.path.parent} is in use by process {pid} on {host} '
-                      f'(lock file {self.path}); wait for that run to finish, or delete the lock '
-                      'file if that process is gone')
-    log.warning('taking over the stale lock %s of dead process %s', self.path, pid)
-    self.path.unlink(missing_ok=True)
+      self._lock.acquire(blocking=False)
+    except filelock.Timeout:
+      raise UserError(f'work directory {self.path.parent} is in use by {self._owner()} (lock file '
+                      f'{self.path}); wait for that run to finish') from None
+    self.owner_path.write_text(f'{socket.gethostname()} {os.getpid()}')
+    return self
+
+  def _owner(self):
+    try:
+      host, pid = self.owner_path.read_text().split()
+    except (FileNotFoundError, ValueError):  # the holder has not written it yet
+      return 'another process'
+    return f'process {pid} on {host}'
 
   def __exit__(self, *exc):
-    if self.path.exists() and self.path.read_text() == self.owner:
-      self.path.unlink()
+    self.owner_path.unlink(missing_ok=True)
+    self._lock.release()
 
 
 class QuietLibraries(logging.Filter):

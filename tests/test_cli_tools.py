@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mkdm_jax  # noqa: F401  (sets XLA flags before jax is imported)
+from mkdm_jax import runtime
+
+runtime.configure_xla_cpu()  # as the entry points do, before jax's first computation
+
 import jax
 import numpy as np
 import pytest
@@ -47,7 +50,7 @@ def init(model, seed=0):
 
 
 def save_model(directory, model, params, minilm_dir):
-  """A model folder as run.py writes it: model.json + final/ params."""
+  """A model folder as run.py writes it: model.json, tokenizer/ and final/ params."""
   saved_model.write_spec(directory, model, tokenizer_dir=minilm_dir, max_length=64, task='wikiqa',
                          label_names=['not_answer', 'answer'])
   train.save_params(directory / 'final', params)
@@ -125,8 +128,8 @@ def test_evaluate_bad_input_is_one_error_line(bert_model, tmp_path, args, messag
 # export.py
 
 def test_export_loads_in_transformers_with_the_same_logits(bert_model, minilm_dir, tmp_path):
-  torch = pytest.importorskip('torch')
-  transformers = pytest.importorskip('transformers')
+  import torch
+  import transformers
   directory, model, params = bert_model
   out = tmp_path / 'hf'
   run_script('export.py', f'--model={directory}', f'--out={out}')

@@ -2,7 +2,10 @@
 import dataclasses
 import json
 
-import mkdm_jax  # noqa: F401  (sets XLA flags before jax is imported)
+from mkdm_jax import runtime
+
+runtime.configure_xla_cpu()  # as the entry points do, before jax's first computation
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -285,7 +288,7 @@ def test_cut_bottom_layers():
 
 
 def write_tiny_checkpoint(path, cfg=TINY_BERT):
-  from mkdm_jax.models.checkpoints import encoder_params_to_hf_state
+  from mkdm_jax.models.hf_files import encoder_params_to_hf_state
   params = init(BertEncoder(cfg))
   path.mkdir(exist_ok=True)
   (path / 'config.json').write_text(json.dumps(cfg.to_hf_dict()))
@@ -384,7 +387,7 @@ def test_bf16_compute(encoder):
 def test_legacy_gamma_beta_layernorm_names_load(minilm_dir):
   """Google's hub checkpoints name LayerNorm weights gamma/beta; they load like weight/bias."""
   import safetensors.numpy
-  from mkdm_jax.models.checkpoints import hf_state_to_encoder_params
+  from mkdm_jax.models.hf_files import hf_state_to_encoder_params
   config, params = load_hf_bert(minilm_dir)
   state = safetensors.numpy.load_file(str(minilm_dir / 'model.safetensors'))
   legacy = {k.replace('LayerNorm.weight', 'LayerNorm.gamma').replace('LayerNorm.bias', 'LayerNorm.beta'): v

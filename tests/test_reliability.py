@@ -144,14 +144,32 @@ def test_two_processes_match_one(tmp_path):
 
 def test_workdir_lock(tmp_path):
   with WorkdirLock(tmp_path):
-    with pytest.raises(UserError, match=f'in use by process {os.getpid()}'):
+    with pytest.raises(UserError) as refused:
       WorkdirLock(tmp_path).__enter__()
-  assert not (tmp_path / '.lock').exists()
-  dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True,
-                        text=True).stdout.strip()
-  (tmp_path / '.lock').write_text(f'{socket.gethostname()} {dead}')
-  with WorkdirLock(tmp_path):  # a stale lock of a dead process is taken over
-    assert (tmp_path / '.lock').read_text().endswith(str(os.getpid()))
+  message = str(refused.value)
+  assert f'in use by process {os.getpid()} on {socket.gethostname()}' in message
+  assert f'lock file {tmp_path / ".lock"}' in message
+  assert not (tmp_path / '.lock.owner').exists()
+  with WorkdirLock(tmp_path):  # released on exit
+    pass
+
+
+def test_workdir_lock_of_killed_process_does_not_block(tmp_path):
+  """The OS drops the lock of a process killed with SIGKILL: the next run takes it at once."""
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import sys, time; from mkdm_jax.workdir import WorkdirLock; '
+       'lock = WorkdirLock(sys.argv[1]).__enter__(); print("locked", flush=True); time.sleep(600)',
+       str(tmp_path)],
+      stdout=subprocess.PIPE, text=True, cwd=REPO)
+  try:
+    assert holder.stdout.readline().strip() == 'locked'
+    with pytest.raises(UserError, match=f'in use by process {holder.pid} '):
+      WorkdirLock(tmp_path).__enter__()
+  finally:
+    holder.kill()  # SIGKILL: no cleanup runs in the holder
+    holder.communicate()
+  with WorkdirLock(tmp_path):
+    assert (tmp_path / '.lock.owner').read_text() == f'{socket.gethostname()} {os.getpid()}'
 
 
 def run_cli(tmp_path, *flags):
@@ -162,9 +180,9 @@ def run_cli(tmp_path, *flags):
 
 def test_busy_workdir_refused_through_the_command(tmp_path):
   (tmp_path / 'w').mkdir()
-  (tmp_path / 'w' / '.lock').write_text(f'{socket.gethostname()} {os.getpid()}')  # we are alive
-  proc = run_cli(tmp_path, '--flagfile=experiments/configs/ci_tiny.flags')
-  assert proc.returncode == 2 and 'is in use by process' in proc.stderr
+  with WorkdirLock(tmp_path / 'w'):
+    proc = run_cli(tmp_path, '--flagfile=experiments/configs/ci_tiny.flags')
+  assert proc.returncode == 2 and f'is in use by process {os.getpid()}' in proc.stderr
   assert 'Traceback' not in proc.stderr
 
 

@@ -1,6 +1,6 @@
 """BERT encoder (HF `BertModel` compatible: post-LN, exact GELU, tanh pooler) in flax.linen.
 
-Param names of the encoder subtree (HF names in brackets, see `checkpoints.py` for the mapping):
+Param names of the encoder subtree (HF names in brackets, see `hf_files.py` for the mapping):
   embeddings/{word,position,token_type}_embeddings/embedding, embeddings/norm
   layer_{i}/attention/{query,key,value,output}  [encoder.layer.i.attention.self.*, .attention.output.dense]
   layer_{i}/attention_norm                      [encoder.layer.i.attention.output.LayerNorm]

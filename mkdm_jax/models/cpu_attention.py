@@ -22,15 +22,21 @@ import subprocess
 import jax
 import jax.numpy as jnp
 
-from mkdm_jax.workdir import cache_dir
+from mkdm_jax.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name('cpu_attention.cc')
 TARGET = 'mkdm_cpu_attention'
-# Fast math for the kernel's own code only (vectorised exp through libmvec). Compiled and linked in two
-# steps: linking with -ffast-math adds crtfastmath.o (GCC < 13 also for -shared), whose constructor turns on
-# flush-to-zero for the whole process when the library loads.
+# Fast math for the kernel's own code only: it vectorises the softmax's exp (libmvec) and its max/sum
+# reductions. Measured 2026-12-02 on a 2-core "Intel(R) Xeon(R) Processor" (lscpu; AVX-512), g++ 12.2,
+# against builds without it, fast/slow alternately: kernel 1.65-1.92x faster at batch 32, 12 heads of 32,
+# length 48-128 (6.2 vs 11.9 ms at 128); MiniLM-L6 forward at 32 x 128 1.10x faster. Accuracy: no cost
+# seen. Max abs error against `reference` over 8 shapes with padding holes and q scales 1/sqrt(d), 1, 4:
+# 2.6e-6 with fast math, 4.5e-6 without (tests/test_cpu_attention.py asserts 5e-6); against float64 both
+# reach 4.6e-5 at worst, as the fp32 reference itself does. Compiled and linked in two steps: linking with
+# -ffast-math adds crtfastmath.o (GCC < 13 also for -shared), whose constructor turns on flush-to-zero for
+# the whole process when the library loads.
 COMPILE_FLAGS = ('-O3', '-march=native', '-ffast-math', '-std=c++17', '-fPIC', '-w')
 LINK_FLAGS = ('-shared',)
 

