@@ -8,6 +8,7 @@ vs fixed length) are measured alternately (A B A B ...) and reported as the medi
 ratios, because this machine's absolute speed drifts. --quick runs tiny models (smoke test only).
 See BENCHMARKS.md for the results and what each number means.
 """
+import dataclasses
 import datetime
 import functools
 import json
@@ -31,8 +32,8 @@ from absl import app, flags  # noqa: E402
 from mkdm_jax import data as data_lib  # noqa: E402
 from mkdm_jax.allocator import keep_freed_memory  # noqa: E402
 from mkdm_jax.data import batching  # noqa: E402
-from mkdm_jax import models  # noqa: E402
-from mkdm_jax.models import cpu_attention  # noqa: E402
+from mkdm_jax import models, provenance  # noqa: E402
+from mkdm_jax.models import cpu_attention, factory  # noqa: E402
 from mkdm_jax.models.hf_files import encoder_params_to_hf_state  # noqa: E402
 from mkdm_jax.train import optim  # noqa: E402
 from mkdm_jax.train import step as step_lib  # noqa: E402
@@ -140,39 +141,25 @@ def padding_stats(batch_list):
 # Models and data.
 
 def build_models(quick):
-  """name -> (encoder config, params of a 2-class Classifier): the pipeline's teacher and students."""
+  """name -> (encoder config, params of a 2-class Classifier): the pipeline's teacher and students,
+  built by the pipeline's own model factory."""
   if quick:
-    teacher_cfg = models.BertConfig(hidden_size=32, num_layers=2, num_attention_heads=2, intermediate_size=64)
-    teacher_enc = None
-    cut = 1
-    big_cfg = None
-    lstm_hidden = 16
+    options, checkpoint, cut, big_shape = factory.ModelOptions(random_shape=(2, 32, 2, 64), bilstm_hidden=16), \
+        'random', 1, None
   else:
-    teacher_cfg, teacher_enc = models.load_hf_bert(models.resolve_checkpoint('minilm-l6'))
-    cut = 3
-    big_cfg = {'base': models.BertConfig(hidden_size=768, num_layers=12, num_attention_heads=12,
-                                         intermediate_size=3072),
-               'large': models.BertConfig(hidden_size=1024, num_layers=24, num_attention_heads=16,
-                                          intermediate_size=4096),
-               'none': None}[FLAGS.big_teacher]
-    lstm_hidden = 256
-  dummy = np.ones((1, 8), np.int32)
+    options, checkpoint, cut = factory.ModelOptions(bilstm_hidden=256), 'minilm-l6', 3
+    big_shape = {'base': (12, 768, 12, 3072), 'large': (24, 1024, 16, 4096), 'none': None}[FLAGS.big_teacher]
 
-  def classifier(cfg, encoder=None):
-    if encoder is None:
-      init = jax.jit(models.Classifier(cfg, NUM_CLASSES).init)
-      encoder = init(jax.random.key(0), dummy, dummy, dummy)['params']['encoder']
-    width = cfg.hidden_size if isinstance(cfg, models.BertConfig) else 2 * cfg.hidden_size
-    return cfg, {'encoder': jax.tree.map(jnp.asarray, encoder), 'heads': head_params(width, 1)}
+  def entry(built):
+    model, params = built
+    return model.encoder, jax.tree.map(jnp.asarray, params)
 
-  teacher = classifier(teacher_cfg, teacher_enc)
-  lstm_cfg = models.BiLSTMConfig(vocab_size=teacher_cfg.vocab_size, embed_dim=teacher_cfg.hidden_size,
-                                 hidden_size=lstm_hidden)
-  out = {'minilm_l6': teacher,
-         f'bert{cut}': classifier(*models.cut_bottom_layers(teacher_cfg, teacher[1]['encoder'], cut)),
-         'bilstm': classifier(lstm_cfg)}
-  if big_cfg is not None:
-    out[f'bert_{FLAGS.big_teacher}'] = classifier(big_cfg)
+  out = {'minilm_l6': entry(factory.teacher(checkpoint, NUM_CLASSES, 0, options)),
+         f'bert{cut}': entry(factory.student(f'bert{cut}', checkpoint, NUM_CLASSES, 1, 0, options)),
+         'bilstm': entry(factory.student('bilstm', checkpoint, NUM_CLASSES, 1, 0, options))}
+  if big_shape is not None:
+    big = dataclasses.replace(options, random_shape=big_shape)
+    out[f'bert_{FLAGS.big_teacher}'] = entry(factory.teacher('random', NUM_CLASSES, 0, big))
   return out
 
 
@@ -484,20 +471,11 @@ def bucketing(student, encoded, all_train, batch_size, repeats):
 # ---------------------------------------------------------------------------------------------------
 
 def machine_info():
-  import flax
-  import jaxlib
   import torch
   import transformers
-  cpu = 'unknown'
-  if os.path.exists('/proc/cpuinfo'):
-    names = [line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')]
-    cpu = names[0] if names else cpu
-  return {'cpu_model': cpu, 'cpu_cores': os.cpu_count(), 'cores_usable': len(os.sched_getaffinity(0)),
-          'platform': platform.platform(), 'python': platform.python_version(),
-          'jax': jax.__version__, 'jaxlib': jaxlib.__version__, 'flax': flax.__version__,
-          'torch': torch.__version__, 'transformers': transformers.__version__,
-          'jax_backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
-          'device_count': jax.device_count(), 'gpu': None, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+  return {**provenance.record(), **provenance.versions(), 'cpu_cores': os.cpu_count(), 'cores_usable': len(os.sched_getaffinity(0)),
+          'platform': platform.platform(), 'torch': torch.__version__, 'transformers': transformers.__version__,
+          'jax_backend': jax.default_backend(), 'gpu': None, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
           'load_average_start': os.getloadavg()}
 
 

@@ -5,10 +5,11 @@
 
 Each value of each --sweep is one variant that changes one flag of the base (sweeps are not crossed):
   run.py --flagfile=<base> <flags after --> --<flag>=<value> --workdir=<dir>/<flag>=<value> --shared_dir=...
-Flags in SHARED_TEACHER_FLAGS change only the students, so their variants share `<dir>/shared`: the first
-variant trains the teachers and computes their logits, the later ones reuse them. Sweeping --num_teachers
-retrains nothing either: teacher_0..teacher_{k-1} are shared. Any other flag (teacher_epochs, max_length,
-seed, ...) changes the teachers, so each of its variants trains its own, in its work directory.
+Which flags change the teachers is declared once, in mkdm_jax.distill.SETTINGS: flags that change only
+students (or only evaluation) share `<dir>/shared`, where the first variant trains the teachers and
+computes their logits and the later ones reuse them. Sweeping --num_teachers retrains nothing either:
+teacher_0..teacher_{k-1} are shared. A flag that changes the teachers (data, training, teacher settings:
+teacher_epochs, max_length, data_seed, ...) gives each variant its own teachers, in its work directory.
 
 Writes <dir>/ablation.json (every variant's results), <dir>/ablation.md (per sweep, setting x method) and
 <dir>/ablation_<flag>.png (metric vs setting, one line per method). A variant's log is <variant>/run.log.
@@ -25,16 +26,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags  # noqa: E402
 
+from mkdm_jax import distill  # noqa: E402
 from mkdm_jax.errors import UserError  # noqa: E402
 from mkdm_jax.metrics import METRICS  # noqa: E402
 from mkdm_jax.workdir import WorkdirLock, run_cli  # noqa: E402
 
 RUN_PY = pathlib.Path(__file__).with_name('run.py')
-SHARED_TEACHER_FLAGS = (
-    'alpha', 'temperature', 'soft_loss', 'head_combine', 'teacher_weighting', 'teacher_weights', 'students',
-    'methods', 'num_teachers', 'student_checkpoint', 'student_epochs', 'pretrain_epochs',
-    'student_learning_rate', 'bilstm_learning_rate', 'bilstm_hidden', 'unlabelled_extra', 'eval_split',
-    'online_teachers', 'hidden_weight', 'attention_weight')
 RESERVED_FLAGS = ('workdir', 'shared_dir', 'flagfile')
 
 FLAGS = flags.FLAGS
@@ -85,7 +82,7 @@ def variant_dir(root, flag, value):
 def variant_command(base, extra, root, flag, value):
   """run.py command line of one variant; teacher-side flags keep teachers in the variant's own folder."""
   workdir = variant_dir(root, flag, value)
-  shared = root / 'shared' if flag in SHARED_TEACHER_FLAGS else workdir
+  shared = workdir if distill.changes_teachers(flag) else root / 'shared'
   return [sys.executable, str(RUN_PY), f'--flagfile={base}', *extra, f'--{flag}={value}',
           f'--workdir={workdir}', f'--shared_dir={shared}']
 
@@ -133,7 +130,7 @@ def summarise(flag, values, results, metric, root):
         columns.append(key)
     variants.append({'value': value, 'workdir': str(variant_dir(root, flag, value)), 'scores': scores,
                      'rows': res['rows']})
-  return {'flag': flag, 'shares_teachers': flag in SHARED_TEACHER_FLAGS, 'columns': columns,
+  return {'flag': flag, 'shares_teachers': not distill.changes_teachers(flag), 'columns': columns,
           'variants': variants}
 
 

@@ -7,7 +7,15 @@
 
 Prints one JSON object (model, task, data, rows, metrics, and per-head metrics for multi-head students) on
 stdout. `--task` defaults to the model's own task. map/mrr need question groups: for tsv/jsonl files
-without --group_col they are left out.
+without --group_col they are left out. A model folder saved by the pipeline holds a threshold tuned on
+its dev split; accuracy_at_threshold / f1_at_threshold use it.
+
+`--predictions=FILE` also writes one tab-separated row per pair, in input order, with the header
+`group  row  label  score  head_0 ... head_{H-1}`: the raw group id (empty without groups), the row key
+(`mkdm_jax.data.row_key` of the pair), the gold label (-1 when missing), and the positive-class
+probability of the combined prediction and of each head at full precision (class probabilities joined
+by commas for tasks with more than two classes). With --predictions, unlabelled files are allowed
+(no metrics are computed).
 """
 import json
 import pathlib
@@ -15,7 +23,10 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import mkdm_jax  # noqa: E402,F401  (sets XLA CPU flags before jax is imported)
+from mkdm_jax import runtime  # noqa: E402
+
+runtime.configure_xla_cpu()  # before jax is imported
+
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
@@ -42,6 +53,7 @@ flags.DEFINE_string('group_col', None, 'tsv/jsonl: question-id column (needed fo
 flags.DEFINE_integer('max_rows', 0, 'Evaluate only the first N rows (0 = all; whole questions are kept).')
 flags.DEFINE_boolean('skip_bad_rows', False, 'Skip malformed rows (counted) instead of failing.')
 flags.DEFINE_integer('batch_size', 128, 'Inference batch size.')
+flags.DEFINE_string('predictions', None, 'Also write per-pair scores to this TSV file (see the module doc).')
 
 flags.mark_flag_as_required('model')
 
@@ -53,16 +65,32 @@ def load_examples(task):
     raise UserError(f'--task={task.name} needs --eval_file')
   if FLAGS.eval_file and task.name.startswith('tfds:'):
     raise UserError(f'--eval_file does not apply to {task.name}: tfds tasks read --split from tfds')
-  if is_file_task and FLAGS.label_col is None:
-    raise UserError('evaluation needs gold labels: give --label_col')
+  if is_file_task and FLAGS.label_col is None and not FLAGS.predictions:
+    raise UserError('evaluation needs gold labels: give --label_col (or only write --predictions)')
   columns = dict(text_a_col=FLAGS.text_a_col, text_b_col=FLAGS.text_b_col, label_col=FLAGS.label_col,
                  group_col=FLAGS.group_col)
   examples = data_lib.load_split(task, None if is_file_task else FLAGS.split, FLAGS.data_dir,
                                  path=FLAGS.eval_file, skip_bad_rows=FLAGS.skip_bad_rows,
                                  max_rows=FLAGS.max_rows or None, **columns)
-  if not (examples.labels >= 0).any():
-    raise UserError(f'{examples.source}: no labelled rows to evaluate')
+  if not (examples.labels >= 0).any() and not FLAGS.predictions:
+    raise UserError(f'{examples.source}: no labelled rows to evaluate (use --predictions to score it)')
   return examples
+
+
+def write_predictions(path, examples, out):
+  """The --predictions TSV: group, row key, label, combined score and each head's score."""
+  probs = train.softmax(out['logits'])
+  heads = train.softmax(out['head_logits'])
+  score = lambda p: repr(float(p[1])) if len(p) == 2 else ','.join(repr(float(x)) for x in p)
+  names = examples.group_names
+  lines = ['\t'.join(['group', 'row', 'label', 'score'] + [f'head_{h}' for h in range(heads.shape[1])])]
+  for i in range(len(examples)):
+    group = names[examples.groups[i]] if names is not None else ''
+    lines.append('\t'.join([group, str(int(examples.ids[i])), str(int(examples.labels[i])), score(probs[i])]
+                           + [score(p) for p in heads[i]]))
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text('\n'.join(lines) + '\n')
 
 
 def main(argv):
@@ -77,19 +105,24 @@ def main(argv):
     raise UserError(f"task {task.name} has {task.num_classes} classes but the model in {FLAGS.model} "
                     f"predicts {spec['num_classes']} ({spec['task']})")
   examples = load_examples(task)
-  metric_names, _ = task.metrics_for(examples)
   encoded = data_lib.encode(models.load_tokenizer(spec['tokenizer_dir']), examples, spec['max_length'])
   model, params, _ = saved_model.load(FLAGS.model)
-  result = train.evaluate(model, params, encoded, metric_names, mesh=train.make_mesh(),
-                          batch_size=FLAGS.batch_size, buckets=BUCKETS)
+  buckets = tuple(b for b in BUCKETS if b < spec['max_length']) + (spec['max_length'],)
+  out = train.predict(model, params, encoded, mesh=train.make_mesh(), batch_size=FLAGS.batch_size,
+                      buckets=buckets)
   report = {'model': str(pathlib.Path(FLAGS.model).absolute()), 'task': task.name, 'data': examples.source,
             'rows': len(examples), 'labelled_rows': int((examples.labels >= 0).sum()),
-            'skipped_rows': examples.skipped,
-            'metrics': {k: v for k, v in result.items() if '/' not in k}}
-  if spec['num_heads'] > 1:
-    report['head_metrics'] = {k: v for k, v in result.items() if '/' in k}
+            'skipped_rows': examples.skipped, 'threshold': spec.get('threshold')}
+  if FLAGS.predictions:
+    write_predictions(FLAGS.predictions, examples, out)
+    report['predictions'] = str(pathlib.Path(FLAGS.predictions).absolute())
+  if (examples.labels >= 0).any():
+    metric_names, _ = task.metrics_for(examples)
+    result = train.scores(out, examples, metric_names, threshold=spec.get('threshold'))
+    report['metrics'] = {k: v for k, v in result.items() if '/' not in k}
+    if spec['num_heads'] > 1:
+      report['head_metrics'] = {k: v for k, v in result.items() if '/' in k}
   print(json.dumps(report, indent=1))
-
 
 if __name__ == '__main__':
   run_cli(lambda: app.run(main))

@@ -6,13 +6,21 @@ MKDM has H = T heads; single-teacher and averaged-ensemble KD have H = 1); label
 
 The MKDM objective is  L = sum_t w_t [alpha * soft(s_t, z_t; T) + (1 - alpha) * CE(s_t, y)],
 averaged over real rows. Rows without a gold label use the soft term only (TMKD stage 1).
+Averaged-ensemble KD gives its one head the target `ensemble_target(z, w, T)`.
+
+Auxiliary (intermediate-layer) terms are registered in `AUX_TERMS`: adding one is a function here, an
+entry there and a `<name>_weight` setting in `mkdm_jax.pipeline.Config`.
 """
+import dataclasses
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import optax
 
 SOFT_LOSSES = ('kl', 'ce', 'mse')
 TEACHER_WEIGHTINGS = ('uniform', 'fixed', 'confidence')
+ENSEMBLE_TARGETS = ('probs', 'logits')
 
 
 def soft_loss(student_logits, teacher_logits, temperature, kind='kl'):
@@ -61,6 +69,22 @@ def teacher_weights(teacher_logits, kind='uniform', fixed=None):
   raise ValueError(f'teacher weighting must be one of {TEACHER_WEIGHTINGS}, got {kind!r}')
 
 
+def ensemble_target(teacher_logits, weights, temperature, kind='probs'):
+  """The averaged-ensemble target [B, T, C] -> [B, 1, C], as logits for `soft_loss`.
+
+  'probs' (default; Hinton et al.'s ensemble): the weighted mean of the teachers' distributions
+  softened at T, p = sum_t w_t softmax(z_t / T), returned as T * log p so that softmax(target / T) = p.
+  'logits' (TextBrewer's choice): the weighted mean of the teachers' logits, sum_t w_t z_t.
+  `weights` [B, T] sum to 1 over teachers (see `teacher_weights`).
+  """
+  if kind == 'probs':
+    probs = jnp.einsum('bt,btc->bc', weights, jax.nn.softmax(teacher_logits / temperature, axis=-1))
+    return (temperature * jnp.log(jnp.maximum(probs, 1e-30)))[:, None]
+  if kind == 'logits':
+    return jnp.einsum('bt,btc->bc', weights, teacher_logits)[:, None]
+  raise ValueError(f'ensemble target must be one of {ENSEMBLE_TARGETS}, got {kind!r}')
+
+
 def mkdm_loss(student_logits, teacher_logits, labels, weight, *, alpha, temperature,
               soft='kl', weighting='uniform', fixed_weights=None):
   """The MKDM objective and its parts, each averaged over real rows.
@@ -106,6 +130,53 @@ def attention_kl(student_attn, teacher_attn, mask):
   kl = jnp.sum(teacher_attn * (jnp.log(teacher_attn + eps) - jnp.log(student_attn + eps)), axis=-1)
   row_mask = mask[:, None, :]
   return jnp.sum(kl * row_mask) / jnp.maximum(jnp.sum(row_mask) * kl.shape[1], 1.0)
+
+
+def layer_map(num_student, num_teacher):
+  """Student layer i (1-based) learns from teacher layer round(i * Lt / Ls) (uniform mapping)."""
+  return [(i, round(i * num_teacher / num_student)) for i in range(1, num_student + 1)]
+
+
+def hidden_term(student, teachers, mask, params):
+  """Hidden-state MSE over the mapped layer pairs, averaged over layers and then over teachers.
+
+  `student`/`teachers[t]`: model outputs with 'hidden_states' (embeddings first). A learned
+  'hidden_projection' [Ds, Dt] in `params` maps a narrower student to the (common) teacher width.
+  """
+  total = 0.0
+  for teacher in teachers:
+    pairs = layer_map(len(student['hidden_states']) - 1, len(teacher['hidden_states']) - 1)
+    width = student['hidden_states'][0].shape[-1]
+    projection = params.get('hidden_projection', jnp.eye(width))
+    total += sum(hidden_state_mse(student['hidden_states'][s], jax.lax.stop_gradient(teacher['hidden_states'][t]),
+                                  projection, mask) for s, t in pairs) / len(pairs)
+  return total / len(teachers)
+
+
+def attention_term(student, teachers, mask, params):
+  """Attention-map KL over the mapped layer pairs, averaged over layers and then over teachers
+  (teacher and student need the same number of attention heads)."""
+  del params
+  total = 0.0
+  for teacher in teachers:
+    pairs = layer_map(len(student['attentions']), len(teacher['attentions']))
+    total += sum(attention_kl(student['attentions'][s - 1], jax.lax.stop_gradient(teacher['attentions'][t - 1]),
+                              mask) for s, t in pairs) / len(pairs)
+  return total / len(teachers)
+
+
+@dataclasses.dataclass(frozen=True)
+class AuxTerm:
+  """An intermediate-layer loss term: `fn(student_out, teacher_outs, mask, params) -> scalar`."""
+  fn: Callable
+  measurement: str
+  doc: str
+
+
+AUX_TERMS = {
+    'hidden': AuxTerm(hidden_term, 'hidden_mse', 'hidden-state MSE (a learned projection when widths differ)'),
+    'attention': AuxTerm(attention_term, 'attention_kl', 'attention-map KL (equal head counts)'),
+}
 
 
 def linear_schedule(start, end, steps):

@@ -6,6 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from mkdm_jax import runtime
+
+runtime.configure_xla_cpu()  # in-process tests run with the XLA CPU flags the entry points set
+
 
 @pytest.fixture(scope='session')
 def minilm_dir():

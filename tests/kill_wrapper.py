@@ -27,7 +27,6 @@ def hit(sig=signal.SIGKILL):
     os.kill(os.getpid(), sig)
 
 
-import mkdm_jax  # noqa: E402,F401
 from mkdm_jax.data import LogitStore  # noqa: E402
 from mkdm_jax.train import checkpoint, loop  # noqa: E402
 

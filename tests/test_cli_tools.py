@@ -197,13 +197,14 @@ def test_ablation_trains_each_teacher_once(ablation):
   teachers = ablation / 'shared' / 'teachers'
   assert sorted(p.name for p in teachers.iterdir()) == ['teacher_0', 'teacher_1']
   assert not (ablation / 'num_teachers=1' / 'teachers').exists()
-  second_start = (ablation / 'num_teachers=2' / 'flags.txt').stat().st_mtime
+  (history,) = (ablation / 'num_teachers=2' / 'history').glob('*-config.json')
+  second_start = history.stat().st_mtime
   # teacher_0 was trained by the first variant and left alone by the second; teacher_1 is the second's.
   assert (teachers / 'teacher_0' / 'DONE.json').stat().st_mtime < second_start
   assert (teachers / 'teacher_1' / 'DONE.json').stat().st_mtime > second_start
   log = (ablation / 'num_teachers=2' / 'run.log').read_text()
   assert 'teacher_0: already trained, skipping' in log and 'teacher_1: trained in' in log
-  assert f'--shared_dir={ablation / "shared"}' in (ablation / 'num_teachers=2' / 'flags.txt').read_text()
+  assert json.loads(history.read_text())['shared_dir'] == str(ablation / 'shared')
 
 
 def test_evaluate_reproduces_the_pipeline_metrics(ablation):

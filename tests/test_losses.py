@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 
-import mkdm_jax  # noqa: F401  (sets XLA flags before jax)
 import jax.numpy as jnp
 from mkdm_jax import losses
 

@@ -27,8 +27,8 @@ def bert_config(name):
                     intermediate_size=intermediate, max_position_embeddings=512)
 
 
-def fake_load_checkpoint(name):
-  """run.load_checkpoint without downloading: the checkpoint's config and zero encoder params."""
+def fake_load_encoder(name, options=None):
+  """factory.load_encoder without downloading: the checkpoint's config and zero encoder params."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -41,18 +41,17 @@ def fake_load_checkpoint(name):
   return config, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes['params'])
 
 
-def sharded_state(model, abstract_params, mesh):
-  """Abstract train state of `model` as run.py's training builds it, its shardings, and per-device bytes."""
+def sharded_state(model, abstract_params, mesh, cfg):
+  """Abstract train state of `model` as the pipeline's training builds it, its shardings, per-device bytes."""
   import jax
   import numpy as np
-  from run import FLAGS
   from mkdm_jax import models, train
   from mkdm_jax.train.optim import make_optimizer
   from mkdm_jax.train.sharding import state_shardings
   from mkdm_jax.train.step import init_state
   optimizer, schedule = make_optimizer(abstract_params, learning_rate=1e-5, total_steps=1000,
-                                       warmup_steps=100, layer_decay=FLAGS.layer_decay,
-                                       accumulate=FLAGS.accumulate)
+                                       warmup_steps=100, layer_decay=cfg.layer_decay,
+                                       accumulate=cfg.accumulate)
   state = jax.eval_shape(lambda r, p: init_state(model, optimizer, r, params=p), jax.random.PRNGKey(0),
                          abstract_params)
   shardings = state_shardings(mesh, state)
@@ -60,49 +59,56 @@ def sharded_state(model, abstract_params, mesh):
   per_device = sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize for x, s in leaves)
   total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
   # The jitted train step must accept the sharded state and a batch split over all devices.
-  batch = {k: jax.ShapeDtypeStruct((FLAGS.batch_size, FLAGS.max_length), np.int32)
+  batch = {k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.max_length), np.int32)
            for k in ('input_ids', 'token_type_ids', 'attention_mask')}
-  batch.update(labels=jax.ShapeDtypeStruct((FLAGS.batch_size,), np.int32),
-               weight=jax.ShapeDtypeStruct((FLAGS.batch_size,), np.float32))
+  batch.update(labels=jax.ShapeDtypeStruct((cfg.batch_size,), np.int32),
+               weight=jax.ShapeDtypeStruct((cfg.batch_size,), np.float32))
   step = train.make_train_step(model, optimizer, schedule, train.LossConfig())
   jax.jit(step, in_shardings=(shardings, train.sharding.batch_sharding(mesh))).lower(state, batch)
   return {'params': models.count_params(state.params), 'layers': model.encoder.num_layers,
-          'hidden': model.encoder.hidden_size, 'heads': model.num_heads, 'dtype': str(model.dtype.__name__),
+          'hidden': model.encoder.hidden_size, 'heads': model.num_heads, 'dtype': np.dtype(model.dtype).name,
           'total_bytes': total, 'per_device_bytes': per_device}
 
 
 def check_config(path):
-  """Parses one flagfile with run.py's flags and builds its teacher and student train states."""
+  """Parses one flagfile with run.py's flags into a pipeline Config, validates it, and builds its teacher
+  and student train states through the model factory."""
+  import dataclasses
   import jax
   import jax.numpy as jnp
   import tensorflow_datasets as tfds
   import run
-  from mkdm_jax import data, train
+  from mkdm_jax import data, pipeline, train
+  from mkdm_jax.models import factory
   run.FLAGS.unparse_flags()
   run.FLAGS(['run.py', f'--flagfile={path}', '--workdir=/nonexistent'])
-  run.validate_flags()
-  flags = run.FLAGS
-  task = data.get_task(flags.task)
+  cfg = pipeline.config_from_strings({f.name: run.FLAGS[f.name].value for f in dataclasses.fields(pipeline.Config)})
+  pipeline.validate(cfg)
+  task = data.get_task(cfg.task)
   with tfds.testing.mock_data(num_examples=4):  # the split names exist for this tfds dataset
-    for split in (flags.train_split, flags.dev_split, flags.eval_split):
+    for split in (cfg.train_split, cfg.dev_split, cfg.eval_split):
       data.load_split(task, split)
-  run.load_checkpoint = fake_load_checkpoint
-  mesh = train.make_mesh(flags.fsdp)
-  teacher, _ = run.teacher_model(0, task.num_classes)
+  factory.load_encoder = fake_load_encoder
+  mesh = train.make_mesh(cfg.fsdp)
+  options = pipeline.model_options(cfg)
+  teacher = factory.Classifier(fake_load_encoder(cfg.teacher_checkpoints[0])[0], task.num_classes,
+                               dtype=jnp.dtype(options.dtype))
   dummy = jnp.zeros((1, 8), jnp.int32)
   teacher_params = jax.eval_shape(lambda: teacher.init(jax.random.PRNGKey(0), dummy, dummy, dummy)['params'])
-  student, student_params = run.student_model(flags.students[0], task.num_classes, flags.num_teachers)
-  return {'task': task.name, 'num_classes': task.num_classes, 'fsdp': flags.fsdp,
-          'devices': jax.device_count(), 'teacher_checkpoints': flags.teacher_checkpoints,
-          'student_checkpoint': flags.student_checkpoint,
-          'teacher': sharded_state(teacher, teacher_params, mesh),
+  student, student_params = factory.student(cfg.students[0], cfg.student_checkpoint, task.num_classes,
+                                            cfg.num_teachers, 0, options)
+  return {'task': task.name, 'num_classes': task.num_classes, 'fsdp': cfg.fsdp,
+          'devices': jax.device_count(), 'teacher_checkpoints': list(cfg.teacher_checkpoints),
+          'student_checkpoint': cfg.student_checkpoint,
+          'teacher': sharded_state(teacher, teacher_params, mesh, cfg),
           'student': sharded_state(student, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                                         student_params), mesh)}
+                                                         student_params), mesh, cfg)}
 
 
 def main(out, paths):
   sys.path[:0] = [str(REPO), str(REPO / 'experiments')]
-  import mkdm_jax  # noqa: F401  (sets XLA CPU flags before jax is imported)
+  from mkdm_jax import runtime
+  runtime.configure_xla_cpu()  # as run.py does, before jax is imported
   report = {}
   for path in paths:
     try:
@@ -126,7 +132,7 @@ def report(tmp_path_factory):
 @pytest.fixture(scope='module')
 def hf_param_counts():
   """Parameter counts of transformers' BertModel for each hub shape (built on the meta device: no memory)."""
-  torch = pytest.importorskip('torch')
+  import torch
   import transformers
   counts = {}
   for name, (layers, hidden, heads, intermediate) in HUB_SHAPES.items():

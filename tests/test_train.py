@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import mkdm_jax  # noqa: F401
 import jax
 import jax.numpy as jnp
 
@@ -166,7 +165,7 @@ def test_online_teachers_equal_stored_logits_and_intermediate_terms_train():
   params = train.loop.with_hidden_projection(
       narrow.init(jax.random.PRNGKey(0), dummy, dummy, dummy)['params'], narrow, teachers[0], jax.random.PRNGKey(1))
   assert params['hidden_projection'].shape == (16, 32)
-  config = LossConfig(teacher_mode='per_head', hidden_weight=1.0, attention_weight=1.0)
+  config = LossConfig(teacher_mode='per_head', aux_weights=(('hidden', 1.0), ('attention', 1.0)))
   optimizer, schedule = make_optimizer(params, learning_rate=1e-3, total_steps=10)
   state = init_state(narrow, optimizer, jax.random.PRNGKey(0), params=params)
   step = jax.jit(make_train_step(narrow, optimizer, schedule, config, tuple(teachers)))

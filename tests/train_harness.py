@@ -33,7 +33,9 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            f' --xla_force_host_platform_device_count={args.devices}')
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import mkdm_jax  # noqa: E402,F401
+from mkdm_jax import runtime  # noqa: E402
+
+runtime.configure_xla_cpu()
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 

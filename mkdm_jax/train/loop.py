@@ -185,15 +185,23 @@ def softmax(logits):
   return z / z.sum(axis=-1, keepdims=True)
 
 
-def evaluate(model, params, data, metric_names, *, mesh, batch_size=128, buckets=(32, 64, 128)):
-  """Task metrics of the combined prediction and, with several heads, of each head ('head{i}/...')."""
-  out = predict(model, params, data, mesh=mesh, batch_size=batch_size, buckets=buckets)
-  result = metrics_lib.compute(metric_names, data.labels, softmax(out['logits']), data.groups)
+def scores(out, data, metric_names, threshold=None):
+  """Task metrics of `predict`'s output on `data` (anything with labels and groups): the combined
+  prediction and, with several heads, each head ('head{i}/...'); with a (dev-tuned) `threshold` also
+  accuracy and F1 at it (see metrics.compute)."""
+  result = metrics_lib.compute(metric_names, data.labels, softmax(out['logits']), data.groups, threshold=threshold)
   heads = out['head_logits'].shape[1]
   for h in range(heads if heads > 1 else 0):
-    head = metrics_lib.compute(metric_names, data.labels, softmax(out['head_logits'][:, h]), data.groups)
+    head = metrics_lib.compute(metric_names, data.labels, softmax(out['head_logits'][:, h]), data.groups,
+                               threshold=threshold)
     result.update({f'head{h}/{k}': v for k, v in head.items()})
   return result
+
+
+def evaluate(model, params, data, metric_names, *, mesh, batch_size=128, buckets=(32, 64, 128), threshold=None):
+  """`scores` of the model's predictions on encoded `data`."""
+  out = predict(model, params, data, mesh=mesh, batch_size=batch_size, buckets=buckets)
+  return scores(out, data, metric_names, threshold)
 
 
 def with_hidden_projection(params, model, teacher, rng):
@@ -229,7 +237,8 @@ def fit(workdir, model, train, cfg: TrainConfig, loss_config: LossConfig, *, mes
     init_params = model.init(rng, dummy, dummy, np.ones_like(dummy))['params']
   # A private host copy: the state's buffers are donated each step and must not alias the caller's.
   init_params = jax.tree.map(np.array, init_params)
-  if loss_config.hidden_weight > 0 and teacher_models:
+  if dict(loss_config.aux_weights).get('hidden', 0) > 0 and teacher_models:
+    # One projection for all teachers: the pipeline requires them to share one width.
     init_params = with_hidden_projection(init_params, model, teacher_models[0], rng)
   optimizer, schedule = make_optimizer(
       init_params, learning_rate=cfg.learning_rate, total_steps=updates,
@@ -300,7 +309,7 @@ def fit(workdir, model, train, cfg: TrainConfig, loss_config: LossConfig, *, mes
             jax.profiler.stop_trace()
           window_examples += cfg.batch_size
           bar.update(1)
-          if step % cfg.log_every == 0 or step == total_steps:
+          if step % cfg.log_every == 0 or step in (1, total_steps):  # first and last steps always
             elapsed = time.perf_counter() - window_start
             values = {k: float(v) for k, v in measurements.items()}
             values['examples_per_sec'] = window_examples / max(elapsed, 1e-9)

@@ -3,7 +3,8 @@
 Variants differ only in data and `LossConfig`:
   teacher fine-tuning / student_scratch  teacher_mode='none' (gold labels only)
   kd_single                              teacher_mode='per_head', one teacher's logits, one head
-  kd_ensemble                            teacher_mode='ensemble', all teachers averaged, one head
+  kd_ensemble                            teacher_mode='ensemble', one head learns the (weighted)
+                                         ensemble target of all teachers (losses.ensemble_target)
   mkdm                                   teacher_mode='per_head', teacher t -> head t
   tmkd stage 1                           as mkdm, on unlabelled rows (labels -1: soft term only)
 Teacher logits come from the batch (`teacher_logits` [B, T, C], read from the logit store) or from
@@ -40,10 +41,12 @@ class LossConfig:
   temperature: float = 1.0
   temperature_end: float | None = None
   schedule_steps: int = 0  # optimiser updates of the schedules; 0: the whole run (set by fit)
-  weighting: str = 'uniform'
+  weighting: str = 'uniform'  # per head ('per_head'), or inside the ensemble target ('ensemble')
   fixed_weights: tuple[float, ...] | None = None
-  hidden_weight: float = 0.0  # intermediate-layer terms (need online teachers; teacher 0 is used)
-  attention_weight: float = 0.0
+  ensemble_target: str = 'probs'
+  # Intermediate-layer terms of losses.AUX_TERMS as (name, weight) pairs; they need online teachers
+  # and average over all the teachers the step runs.
+  aux_weights: tuple[tuple[str, float], ...] = ()
 
   def __post_init__(self):
     if self.teacher_mode not in TEACHER_MODES:
@@ -52,6 +55,12 @@ class LossConfig:
       raise ValueError(f'soft loss must be one of {losses.SOFT_LOSSES}, got {self.soft!r}')
     if self.weighting not in losses.TEACHER_WEIGHTINGS:
       raise ValueError(f'weighting must be one of {losses.TEACHER_WEIGHTINGS}, got {self.weighting!r}')
+    if self.ensemble_target not in losses.ENSEMBLE_TARGETS:
+      raise ValueError(f'ensemble_target must be one of {losses.ENSEMBLE_TARGETS}, '
+                       f'got {self.ensemble_target!r}')
+    unknown = [name for name, _ in self.aux_weights if name not in losses.AUX_TERMS]
+    if unknown:
+      raise ValueError(f'unknown auxiliary loss terms {unknown}; known: {sorted(losses.AUX_TERMS)}')
     for name in ('alpha', 'alpha_end'):
       value = getattr(self, name)
       if value is not None and not 0.0 <= value <= 1.0:
@@ -62,17 +71,6 @@ class LossConfig:
         raise ValueError(f'{name} must be > 0, got {value}')
 
 
-def ensemble_logits(teacher_logits):
-  """Averaged-ensemble target [B, T, C] -> [B, 1, C]: log of the mean teacher probability."""
-  probs = jnp.mean(jax.nn.softmax(teacher_logits, axis=-1), axis=1, keepdims=True)
-  return jnp.log(jnp.maximum(probs, 1e-12))
-
-
-def _layer_map(num_student, num_teacher):
-  """Student layer i (1-based) learns from teacher layer round(i * Lt / Ls) (uniform mapping)."""
-  return [(i, round(i * num_teacher / num_student)) for i in range(1, num_student + 1)]
-
-
 def make_loss_fn(model, config: LossConfig, teacher_models=()):
   """loss_fn(params, batch, rng, step, teacher_params) -> (loss, measurements)."""
   alpha_at = losses.linear_schedule(config.alpha, config.alpha if config.alpha_end is None
@@ -80,47 +78,38 @@ def make_loss_fn(model, config: LossConfig, teacher_models=()):
   temperature_at = losses.linear_schedule(
       config.temperature, config.temperature if config.temperature_end is None
       else config.temperature_end, config.schedule_steps)
-  intermediate = config.hidden_weight > 0 or config.attention_weight > 0
+  aux = [(name, weight) for name, weight in config.aux_weights if weight > 0]
 
   def loss_fn(params, batch, rng, step, teacher_params):
     inputs = (batch['input_ids'], batch['token_type_ids'], batch['attention_mask'])
     out = model.apply({'params': params}, *inputs, deterministic=False,
-                      output_hidden_states=intermediate, rngs={'dropout': rng})
+                      output_hidden_states=bool(aux), rngs={'dropout': rng})
     student_logits = out['head_logits']
-    teacher_logits, teacher_out = batch.get('teacher_logits'), None
+    teacher_logits, teacher_outs = batch.get('teacher_logits'), ()
     if teacher_models:
-      teacher_outs = [m.apply({'params': p}, *inputs, deterministic=True, output_hidden_states=intermediate)
+      teacher_outs = [m.apply({'params': p}, *inputs, deterministic=True, output_hidden_states=bool(aux))
                       for m, p in zip(teacher_models, teacher_params)]
       teacher_logits = jnp.stack([o['logits'] for o in teacher_outs], axis=1)
-      teacher_out = teacher_outs[0]
+    alpha, temperature = alpha_at(step), temperature_at(step)
+    weighting = config.weighting
     if config.teacher_mode == 'none':
       teacher_logits = None
     else:
       teacher_logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
       if config.teacher_mode == 'ensemble':
-        teacher_logits = jnp.broadcast_to(ensemble_logits(teacher_logits), student_logits.shape)
-    alpha, temperature = alpha_at(step), temperature_at(step)
+        weights = losses.teacher_weights(teacher_logits, config.weighting, config.fixed_weights)
+        teacher_logits = losses.ensemble_target(teacher_logits, weights, temperature, config.ensemble_target)
+        weighting = 'uniform'  # the teachers' weights are inside the one target
     loss, measurements = losses.mkdm_loss(
         student_logits, teacher_logits, batch['labels'], batch['weight'], alpha=alpha,
-        temperature=temperature, soft=config.soft, weighting=config.weighting,
+        temperature=temperature, soft=config.soft, weighting=weighting,
         fixed_weights=config.fixed_weights)
-    if intermediate:
-      mask = batch['attention_mask'].astype(jnp.float32)
-      pairs = _layer_map(len(out['hidden_states']) - 1, len(teacher_out['hidden_states']) - 1)
-      if config.hidden_weight > 0:
-        projection = params.get('hidden_projection', None)
-        hidden = sum(losses.hidden_state_mse(
-            out['hidden_states'][s], jax.lax.stop_gradient(teacher_out['hidden_states'][t]),
-            projection if projection is not None else jnp.eye(out['hidden_states'][s].shape[-1]), mask)
-                     for s, t in pairs) / len(pairs)
-        measurements['hidden_mse'] = hidden
-        loss = loss + config.hidden_weight * hidden
-      if config.attention_weight > 0:
-        attention = sum(losses.attention_kl(
-            out['attentions'][s - 1], jax.lax.stop_gradient(teacher_out['attentions'][t - 1]), mask)
-                        for s, t in pairs) / len(pairs)
-        measurements['attention_kl'] = attention
-        loss = loss + config.attention_weight * attention
+    mask = batch['attention_mask'].astype(jnp.float32)
+    for name, weight in aux:
+      term = losses.AUX_TERMS[name]
+      value = term.fn(out, teacher_outs, mask, params)
+      measurements[term.measurement] = value
+      loss = loss + weight * value
     labelled = batch['weight'] * (batch['labels'] >= 0)
     correct = jnp.argmax(out['logits'], axis=-1) == batch['labels']
     measurements['accuracy'] = jnp.sum(correct * labelled) / jnp.maximum(jnp.sum(labelled), 1.0)
