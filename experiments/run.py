@@ -65,6 +65,7 @@ def main(argv):
     else:
       logging.warning('--malloc=keep needs glibc; using the default allocator')
   cfg = pipeline.config_from_strings({f.name: FLAGS[f.name].value for f in dataclasses.fields(pipeline.Config)})
+  pipeline.validate(cfg)  # before anything is created (pipeline.run checks again)
   if cfg.distributed:
     jax.distributed.initialize()
   workdir = pathlib.Path(cfg.workdir)

@@ -139,21 +139,61 @@ def config_types():
   return typing.get_type_hints(Config)
 
 
+def _convert(name, kind, value):
+  """A flag value (typed already, or a string as in a flagfile) as the field's type."""
+  if typing.get_origin(kind) is tuple:
+    element = typing.get_args(kind)[0]
+    items = value.split(',') if isinstance(value, str) else list(value)
+    try:
+      return tuple(element(v) for v in items if v != '')
+    except ValueError:
+      raise UserError(f'--{name}={",".join(map(str, items))}: a non-number where each value must be a '
+                      f'{element.__name__}') from None
+  if not isinstance(value, str) or kind in (str, str | None):
+    return value
+  if kind is bool:
+    if value.lower() not in ('true', 'false', '1', '0'):
+      raise UserError(f'--{name}={value}: expected true or false')
+    return value.lower() in ('true', '1')
+  scalar = float if kind in (float, float | None) else int
+  try:
+    return scalar(value)
+  except ValueError:
+    raise UserError(f'--{name}={value}: expected a {scalar.__name__}') from None
+
+
 def config_from_strings(values: dict[str, Any]) -> Config:
   """A Config from flag values (lists of strings become typed tuples); UserError names a bad flag."""
   types = config_types()
-  kwargs = {}
-  for name, value in values.items():
-    kind = types[name]
-    if typing.get_origin(kind) is tuple and value is not None:
-      element = typing.get_args(kind)[0]
-      try:
-        value = tuple(element(v) for v in value)
-      except ValueError:
-        raise UserError(f'--{name}={",".join(value)}: a non-number where each value must be a '
-                        f'{element.__name__}') from None
-    kwargs[name] = value
-  return Config(**kwargs)
+  unknown = sorted(set(values) - set(types))
+  if unknown:
+    raise UserError(f'unknown setting(s) {unknown}; see the fields of mkdm_jax.pipeline.Config')
+  return Config(**{name: _convert(name, types[name], value) for name, value in values.items()})
+
+
+def config_from_flagfile(path, **overrides) -> Config:
+  """A Config from an experiments/configs flagfile (`--name=value`, `--name` / `--noname` for booleans,
+  `#` comments) with keyword overrides: what run.py would build, without absl (for notebooks and scripts)."""
+  values = {}
+  path = pathlib.Path(path)
+  try:
+    lines = path.read_text().splitlines()
+  except OSError as e:
+    raise UserError(f'{path}: cannot read flagfile: {e.strerror}') from None
+  bools = {name for name, kind in config_types().items() if kind is bool}
+  for lineno, line in enumerate(lines, 1):
+    line = line.strip()
+    if not line or line.startswith('#'):
+      continue
+    if not line.startswith('--'):
+      raise UserError(f'{path}:{lineno}: expected --name=value, got {line!r}')
+    name, eq, value = line[2:].partition('=')
+    if not eq and name in bools:
+      value = 'true'
+    elif not eq and name.startswith('no') and name[2:] in bools:
+      name, value = name[2:], 'false'
+    values[name] = value
+  return config_from_strings({**values, **overrides})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def test_notebook_runs_with_tiny_settings(tmp_path, monkeypatch, ci_tiny_run, xl
   copied = time.time()
   # As papermill would: a temporary work directory (runs/ stays untouched) and the session's XLA cache.
   overrides = (f'WORKDIR = pathlib.Path({str(workdir)!r})\n'
-               f"EXTRA_FLAGS = ['--compilation_cache_dir={xla_cache}']")
+               f"EXTRA = {{'compilation_cache_dir': {str(xla_cache)!r}}}")
   nb.cells.insert(parameters_cell(nb) + 1, nbformat.v4.new_code_cell(overrides))
   NotebookClient(nb, timeout=600, kernel_name='mkdm-test',
                  resources={'metadata': {'path': str(NOTEBOOK.parent)}}).execute()
@@ -57,7 +57,7 @@ def test_notebook_runs_with_tiny_settings(tmp_path, monkeypatch, ci_tiny_run, xl
   texts = {i: ''.join(o.get('text', '') + str(o.get('data', {}).get('text/markdown', '')) for o in cell)
            for i, cell in outputs.items()}
   assert any('| question | sentence | label |' in t for t in texts.values())  # the WikiQA sample
-  assert any('teacher_2: already trained, skipping' in t for t in texts.values())  # run.py's log is shown
+  assert any('teacher_2: already trained, skipping' in t for t in texts.values())  # the pipeline's log
   assert any('| bert1_mkdm |' in t for t in texts.values())  # the results table
   assert sum('image/png' in o.get('data', {}) for cell in outputs.values() for o in cell) == 1
   assert (workdir / 'results.json').stat().st_mtime > copied  # written again by the notebook's report stage

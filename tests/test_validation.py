@@ -74,3 +74,48 @@ def test_config_from_strings_converts_types():
   assert all(type(v) is float for v in cfg.teacher_learning_rates + cfg.teacher_weights)
   assert cfg.buckets == (32, 64) and all(type(v) is int for v in cfg.buckets)
   assert cfg.teacher_weights == (3.0, 1.0)
+
+
+def test_every_flagfile_gives_the_same_config_without_absl():
+  """pipeline.config_from_flagfile (notebooks, scripts) reads each flagfile as run.py's absl flags do."""
+  import json
+  import subprocess
+  import sys
+  from pathlib import Path
+  repo = Path(__file__).resolve().parents[1]
+  code = '''
+import dataclasses, json, sys
+sys.path[:0] = ['experiments', '.']
+import run
+from mkdm_jax import pipeline
+out = {}
+for path in sys.argv[1:]:
+  run.FLAGS.unparse_flags()
+  run.FLAGS(['run.py', f'--flagfile={path}', '--workdir=w'])
+  absl = pipeline.config_from_strings({f.name: run.FLAGS[f.name].value for f in dataclasses.fields(pipeline.Config)})
+  out[path] = [dataclasses.asdict(absl), dataclasses.asdict(pipeline.config_from_flagfile(path, workdir='w'))]
+print(json.dumps(out))
+'''
+  flagfiles = sorted(str(p) for p in (repo / 'experiments' / 'configs').glob('*.flags'))
+  proc = subprocess.run([sys.executable, '-c', code, *flagfiles], cwd=repo, capture_output=True, text=True,
+                        check=True)
+  configs = json.loads(proc.stdout)
+  assert len(configs) == len(flagfiles) >= 5
+  for path, (absl, ours) in configs.items():
+    assert ours == absl, path
+
+
+def test_flagfile_errors_name_the_line(tmp_path):
+  bad = tmp_path / 'bad.flags'
+  bad.write_text('# comment\n--alpha=0.3\nalpha=0.4\n')
+  with pytest.raises(UserError, match=f'{bad}:3'):
+    pipeline.config_from_flagfile(bad)
+  bad.write_text('--alpha=high\n')
+  with pytest.raises(UserError, match='--alpha=high: expected a float'):
+    pipeline.config_from_flagfile(bad)
+  bad.write_text('--noprogress\n--no_such_setting=1\n')
+  with pytest.raises(UserError, match='no_such_setting'):
+    pipeline.config_from_flagfile(bad)
+  bad.write_text('--noprogress\n--online_teachers\n--buckets=16,32\n')
+  cfg = pipeline.config_from_flagfile(bad, alpha=0.25)
+  assert (cfg.progress, cfg.online_teachers, cfg.buckets, cfg.alpha) == (False, True, (16, 32), 0.25)
