@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from mkdm_jax import losses
+from mkdm_jax.errors import UserError
 from mkdm_jax.train import LossConfig
 
 
@@ -118,6 +119,7 @@ class Setting:
   methods: tuple[str, ...] | None = None  # students: the runs it applies to (None: all)
   archs: str | None = None  # students: 'bert' or 'bilstm' only
   per_teacher: bool = False  # teachers: a list with one value per teacher (or one for all)
+  per_student: bool = False  # students: DEFAULT,FAMILY=VALUE entries resolved per architecture
 
 
 SCOPES = ('data', 'training', 'teachers', 'students', 'evaluation', 'run')
@@ -138,9 +140,11 @@ SETTINGS = {
     'teacher_checkpoints': Setting('teachers', per_teacher=True),
     'teacher_seeds': Setting('teachers', per_teacher=True),
     'teacher_learning_rates': Setting('teachers', per_teacher=True),
+    'teacher_batch_sizes': Setting('teachers', per_teacher=True),
     'teacher_epochs': Setting('teachers'),
     # Students.
-    'student_checkpoint': Setting('students'),
+    'student_checkpoint': Setting('students', per_student=True),
+    'student_layers': Setting('students', archs='bert'),
     'student_seed': Setting('students'),
     'student_epochs': Setting('students', methods=tuple(METHODS)),
     'student_learning_rate': Setting('students', archs='bert'),
@@ -191,7 +195,8 @@ def student_settings(cfg, arch: str, method: str) -> dict:
     if setting.scope in ('data', 'training') or (
         setting.scope == 'students' and (setting.methods is None or method in setting.methods)
         and setting.archs in (None, family)):
-      out[name] = getattr(cfg, name)
+      value = getattr(cfg, name)
+      out[name] = student_checkpoint(value, arch) if setting.per_student else value
   return _plain(out)
 
 
@@ -200,6 +205,20 @@ def per_teacher(values, index, default=None):
   if not values:
     return default
   return values[index % len(values)] if len(values) == 1 else values[index]
+
+
+def student_checkpoint(values, arch: str) -> str:
+  """The checkpoint of a student architecture from 'DEFAULT,FAMILY=CHECKPOINT' entries (family: the
+  architecture without its layer count, e.g. 'mpnet' for mpnet3)."""
+  family = arch.rstrip('0123456789')
+  defaults = [v for v in values if '=' not in v]
+  by_family = dict(v.split('=', 1) for v in values if '=' in v)
+  if family in by_family:
+    return by_family[family]
+  if not defaults:
+    raise UserError(f'--student_checkpoint={",".join(values)} names no checkpoint for {arch}: add a default '
+                    f'or {family}=CHECKPOINT')
+  return defaults[0]
 
 
 def changed_settings(recorded: dict, current: dict) -> list[str]:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import pathlib
+import re
 import shutil
 import statistics
 import time
@@ -21,10 +22,12 @@ import typing
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mkdm_jax import data as data_lib
 from mkdm_jax import distill, losses, provenance, saved_model, train
+from mkdm_jax import teachers as teachers_lib
 from mkdm_jax import metrics as metrics_lib
 from mkdm_jax.errors import UserError
 from mkdm_jax.models import count_params, factory, load_tokenizer, resolve_checkpoint
@@ -66,18 +69,28 @@ class Config:
   skip_bad_rows: bool = _setting(False, 'Skip malformed rows (counted) instead of failing.')
   max_length: int = _setting(128, 'Maximum tokens per pair (longest-first truncation).')
   buckets: tuple[int, ...] = _setting((32, 64, 128), 'Padded lengths for length bucketing.')
-  tokenizer: str = _setting('minilm-l6', 'Checkpoint name or folder whose tokenizer is used.')
+  tokenizer: str = _setting('minilm-l6', "Tokenizer (checkpoint name or folder) of 'random' models; every other "
+                            "model reads its own checkpoint's tokenizer.")
   # Models.
   num_teachers: int = _setting(3, 'Number of teachers.')
   teacher_checkpoints: tuple[str, ...] = _setting(
-      ('minilm-l6',), "Teacher init per teacher (one value = all): checkpoint name/folder or 'random'.")
+      ('minilm-l6',), "Teacher per teacher (one value = all): a checkpoint name/folder (or 'random') to fine-tune; "
+      "'biencoder:CHECKPOINT', the zero-shot cosine of its mean-pooled embeddings; or 'scores:FILE', imported "
+      'per-row scores (see mkdm_jax/teachers.py). Bi-encoder and scalar scores are calibrated on dev.')
   teacher_seeds: tuple[int, ...] = _setting((), 'Seed per teacher (default: 0, 1, 2, ...).')
   teacher_learning_rates: tuple[float, ...] = _setting((5e-5,), 'Learning rate per teacher (one value = all).')
-  students: tuple[str, ...] = _setting(('bert3', 'bilstm'), 'Student architectures: bert<k> and/or bilstm.')
-  student_checkpoint: str = _setting('minilm-l6', "Checkpoint whose bottom layers / embeddings initialise "
-                                     "students, or 'random'.")
-  random_bert: tuple[int, ...] = _setting((2, 64, 2, 128), "Shape of 'random' BERT models: layers, hidden, "
-                                          'heads, intermediate.')
+  teacher_batch_sizes: tuple[int, ...] = _setting((), 'Batch size per teacher (one value = all; default '
+                                                  '--batch_size), e.g. smaller for a large family.')
+  students: tuple[str, ...] = _setting(('bert3', 'bilstm'), 'Student architectures: bert<k>, mpnet<k>, '
+                                       'roberta<k> (k layers of --student_checkpoint, of that family) and/or bilstm.')
+  student_checkpoint: tuple[str, ...] = _setting(
+      ('minilm-l6',), "Checkpoint whose layers (bert<k>, mpnet<k>) or word embeddings (bilstm) initialise students, "
+      "or 'random'; per family: DEFAULT,FAMILY=CHECKPOINT (e.g. minilm-l6,mpnet=mpnet-base).")
+  random_bert: tuple[int, ...] = _setting((2, 64, 2, 128), "Shape of 'random' models: layers, hidden, heads, "
+                                          'intermediate.')
+  student_layers: tuple[int, ...] = _setting((), "Which --student_checkpoint layers (0-based) initialise a "
+                                             "bert<k>/mpnet<k> student, k values (e.g. 0,4,8 for k=3: every fourth, "
+                                             "as DistilBERT takes every other); default the bottom k.")
   bilstm_hidden: int = _setting(256, 'BiLSTM hidden size per direction.')
   head_combine: str = _setting('mean', "How a multi-head student combines its heads: 'mean', or 'learned' "
                                '(softmax weights fitted on dev after training; see distill.fit_combination_weights).',
@@ -225,8 +238,10 @@ def validate(cfg: Config):
        f'--teacher_learning_rates needs 1 or --num_teachers={cfg.num_teachers} values'),
       (len(cfg.teacher_seeds) in (0, cfg.num_teachers),
        f'--teacher_seeds needs 0 or --num_teachers={cfg.num_teachers} values'),
-      (all(__import__('re').fullmatch(factory.STUDENT_PATTERN, s) for s in cfg.students),
-       f'--students: {cfg.students}; each must be bert<k> (e.g. bert3) or bilstm'),
+      (all(re.fullmatch(factory.STUDENT_PATTERN, s) for s in cfg.students),
+       f'--students: {cfg.students}; each must be bert<k>, mpnet<k>, roberta<k> (e.g. bert3) or bilstm'),
+      (len(cfg.teacher_batch_sizes) in (0, 1, cfg.num_teachers) and all(b > 0 for b in cfg.teacher_batch_sizes),
+       f'--teacher_batch_sizes needs 0, 1 or --num_teachers={cfg.num_teachers} positive values'),
       (len(cfg.random_bert) == 4, '--random_bert needs 4 values: layers, hidden, heads, intermediate'),
       (cfg.accumulate >= 1, '--accumulate must be >= 1'),
       (len(cfg.profile_steps) in (0, 2), '--profile_steps needs two steps: FIRST,LAST'),
@@ -262,31 +277,64 @@ def validate(cfg: Config):
       # Intermediate-layer terms.
       (not aux or cfg.online_teachers,
        f'{"/".join(aux)} need --online_teachers (teacher hidden states are not stored)'),
-      (not aux or 'bilstm' not in cfg.students, f'{"/".join(aux)} apply to bert<k> students only, not bilstm'),
+      (not aux or 'bilstm' not in cfg.students,
+       f'{"/".join(aux)} apply to transformer students only, not bilstm'),
       (not aux or kd_methods, f'{"/".join(aux)} need a method with teachers in --methods'),
       (not cfg.online_teachers or kd_methods, '--online_teachers needs a method with teachers in --methods'),
   ]
   for ok, message in checks:
     if not ok:
       raise UserError(message)
+  _check_teachers(cfg)
+  options = model_options(cfg)
+  for arch in cfg.students:
+    factory.check_student(arch, distill.student_checkpoint(cfg.student_checkpoint, arch), options,
+                          None if arch == 'bilstm' else tuple(cfg.student_layers) or None)
   if aux:
     _check_intermediate_shapes(cfg)
+
+
+def _check_teachers(cfg):
+  """Teacher kinds: bi-encoders and scalar scores are calibrated two-class teachers; online teachers are
+  fine-tuned checkpoints that read the student's token ids."""
+  specs = [teachers_lib.parse_spec(distill.per_teacher(cfg.teacher_checkpoints, i)) for i in range(cfg.num_teachers)]
+  others = [f'{kind}:{source}' for kind, source in specs if kind != 'checkpoint']
+  for kind, source in specs:
+    if kind == 'scores' and not pathlib.Path(source).is_file():
+      raise UserError(f'--teacher_checkpoints: scores:{source}: no such file')
+  if others and data_lib.get_task(cfg.task).num_classes != 2 and any(k == 'biencoder' for k, _ in specs):
+    raise UserError(f'--teacher_checkpoints: bi-encoder teachers give two-class scores; task {cfg.task} has more '
+                    'classes')
+  if any(k == 'biencoder' for k, _ in specs) and cfg.dev_split == 'none':
+    raise UserError('--teacher_checkpoints: a biencoder: teacher is calibrated on the dev split: give a --dev_split')
+  if cfg.online_teachers:
+    if others:
+      raise UserError(f'--online_teachers runs teacher models inside the train step; {", ".join(others)} '
+                      'cannot run there: drop --online_teachers (their logits come from the store)')
+    tokenizers = {str(tokenizer_dir_of(cfg, source)) for _, source in specs}
+    tokenizers |= {str(tokenizer_dir_of(cfg, distill.student_checkpoint(cfg.student_checkpoint, arch)))
+                   for arch in cfg.students}
+    if len(tokenizers) > 1:
+      raise UserError('--online_teachers: teachers and students read different tokenizers '
+                      f'({", ".join(sorted(tokenizers))}) but the step feeds every model the student\'s token ids; '
+                      'use stored logits (drop --online_teachers) for mixed families')
 
 
 def _check_intermediate_shapes(cfg):
   """Hidden-state terms need teachers of one width; attention terms equal head counts everywhere."""
   options = model_options(cfg)
-  teachers = [factory.encoder_config(distill.per_teacher(cfg.teacher_checkpoints, i), options)
+  teachers = [factory.encoder_config(teachers_lib.parse_spec(distill.per_teacher(cfg.teacher_checkpoints, i))[1],
+                                     options)
               for i in range(cfg.num_teachers)]
-  student = factory.encoder_config(cfg.student_checkpoint, options)
+  students = {factory.encoder_config(distill.student_checkpoint(cfg.student_checkpoint, arch), options)
+              .num_attention_heads for arch in cfg.students}
   if cfg.hidden_weight > 0 and len({t.hidden_size for t in teachers}) > 1:
     raise UserError(f'--hidden_weight: the teachers differ in width ({[t.hidden_size for t in teachers]}); '
                     'the hidden-state term shares one projection, so it needs teachers of one width')
   heads = {t.num_attention_heads for t in teachers}
-  if cfg.attention_weight > 0 and heads != {student.num_attention_heads}:
+  if cfg.attention_weight > 0 and len(heads | students) > 1:
     raise UserError(f'--attention_weight: teachers have {sorted(heads)} attention heads and the students '
-                    f'{student.num_attention_heads}; attention maps are compared head by head, so the counts '
-                    'must be equal')
+                    f'{sorted(students)}; attention maps are compared head by head, so the counts must be equal')
 
 
 def model_options(cfg: Config) -> factory.ModelOptions:
@@ -304,28 +352,64 @@ def buckets_of(cfg: Config) -> tuple[int, ...]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data.
+# Data and teachers.
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """One teacher: a checkpoint fine-tuned here, a zero-shot bi-encoder, or imported scores."""
+  index: int
+  kind: str  # one of teachers.KINDS
+  source: str  # checkpoint name/folder, or scores file
+  directory: pathlib.Path
+  tokenizer_dir: pathlib.Path | None  # None for imported scores
+
+  @property
+  def name(self):
+    return self.directory.name
+
+
+def tokenizer_dir_of(cfg: Config, checkpoint: str) -> pathlib.Path:
+  """Every model reads its own checkpoint's tokenizer; 'random' models read --tokenizer's."""
+  return resolve_checkpoint(cfg.tokenizer if checkpoint == 'random' else checkpoint)
+
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-  """What every stage reads: the config, folders, task, data and device mesh."""
+  """What every stage reads: the config, folders, task, data, teachers and device mesh."""
   cfg: Config
   workdir: pathlib.Path
   shared: pathlib.Path
   task: data_lib.TaskSpec
   buckets: tuple[int, ...]
   examples: dict
-  encoded: dict
-  tokenizer_dir: pathlib.Path
+  teachers: tuple[Teacher, ...]
   mesh: Any
   metrics: list
   primary: str
+  encodings: dict = dataclasses.field(default_factory=dict)  # (tokenizer dir, dataset) -> Encoded
 
-  def teacher_dirs(self):
-    return [self.shared / 'teachers' / f'teacher_{i}' for i in range(self.cfg.num_teachers)]
+  def encoded(self, tokenizer_dir, dataset):
+    """`dataset` encoded with a model's tokenizer (once per tokenizer; cached on disk too)."""
+    key = (str(tokenizer_dir), dataset)
+    if key not in self.encodings:
+      self.encodings[key] = data_lib.encode(load_tokenizer(tokenizer_dir), self.examples[dataset],
+                                            self.cfg.max_length, cache_dir=self.shared / 'cache' / 'tokens')
+    return self.encodings[key]
 
   def student_dir(self, arch, method):
     return self.workdir / 'students' / f'{arch}_{method}'
+
+  def student_tokenizer_dir(self, arch):
+    return tokenizer_dir_of(self.cfg, distill.student_checkpoint(self.cfg.student_checkpoint, arch))
+
+
+def teachers_of(cfg: Config, shared: pathlib.Path) -> tuple[Teacher, ...]:
+  out = []
+  for i in range(cfg.num_teachers):
+    kind, source = teachers_lib.parse_spec(distill.per_teacher(cfg.teacher_checkpoints, i))
+    out.append(Teacher(i, kind, source, shared / 'teachers' / f'teacher_{i}',
+                       None if kind == 'scores' else tokenizer_dir_of(cfg, source)))
+  return tuple(out)
 
 
 def subsample_negatives(examples, per_positive, seed):
@@ -337,10 +421,8 @@ def subsample_negatives(examples, per_positive, seed):
   return examples.select(np.sort(np.concatenate([positives, keep])))
 
 
-def load_data(cfg: Config, task, cache_dir):
-  """Examples and encodings of the train, unlabelled, dev and eval sets, and the tokenizer folder."""
-  tokenizer_dir = resolve_checkpoint(cfg.tokenizer)
-  tokenizer = load_tokenizer(tokenizer_dir)
+def load_examples(cfg: Config, task):
+  """The train, unlabelled, dev and eval rows."""
   columns = dict(text_a_col=cfg.text_a_col, text_b_col=cfg.text_b_col, label_col=cfg.label_col,
                  group_col=cfg.group_col)
   is_file = cfg.task in ('tsv', 'jsonl')
@@ -362,10 +444,9 @@ def load_data(cfg: Config, task, cache_dir):
   if 'tmkd' in cfg.methods:
     examples['unlabelled'] = data_lib.make_unlabelled_pairs(examples['train'], cfg.unlabelled_extra,
                                                             cfg.data_seed)
-  encoded = {k: data_lib.encode(tokenizer, v, cfg.max_length, cache_dir=cache_dir) for k, v in examples.items()}
   for name, e in examples.items():
     log.info('%s: %d rows (%d labelled) from %s', name, len(e), int((e.labels >= 0).sum()), e.source)
-  return examples, encoded, tokenizer_dir
+  return examples
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,7 +477,7 @@ def _stale_message(stale):
 def check_saved_runs(ctx: Context):
   """Before any work: every saved run this config would reuse must have been trained with its settings."""
   cfg = ctx.cfg
-  planned = [(d, distill.teacher_settings(cfg, i)) for i, d in enumerate(ctx.teacher_dirs())]
+  planned = [(t.directory, distill.teacher_settings(cfg, t.index)) for t in ctx.teachers]
   for arch in cfg.students:
     runs = list(cfg.methods) + ([distill.STAGE1] if 'tmkd' in cfg.methods else [])
     planned += [(ctx.student_dir(arch, m), distill.student_settings(cfg, arch, m)) for m in runs]
@@ -424,17 +505,18 @@ def claim_run(directory, settings, overwrite):
 # ---------------------------------------------------------------------------------------------
 # Training.
 
-def train_config(cfg: Config, buckets, *, epochs, learning_rate, seed):
+def train_config(cfg: Config, buckets, *, epochs, learning_rate, seed, batch_size=None):
   return train.TrainConfig(
-      batch_size=cfg.batch_size, epochs=epochs, learning_rate=learning_rate, warmup_ratio=cfg.warmup_ratio,
-      lr_decay=cfg.lr_decay, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay,
-      accumulate=cfg.accumulate, seed=seed, buckets=buckets, checkpoint_every=cfg.checkpoint_every,
-      eval_every=cfg.eval_every, progress=cfg.progress, profile_steps=tuple(cfg.profile_steps))
+      batch_size=batch_size or cfg.batch_size, epochs=epochs, learning_rate=learning_rate,
+      warmup_ratio=cfg.warmup_ratio, lr_decay=cfg.lr_decay, weight_decay=cfg.weight_decay,
+      layer_decay=cfg.layer_decay, accumulate=cfg.accumulate, seed=seed, buckets=buckets,
+      checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every, progress=cfg.progress,
+      profile_steps=tuple(cfg.profile_steps))
 
 
-def fit_model(ctx: Context, directory, build, data, settings, train_cfg, loss_config, *, select_on_dev=True,
-              teachers=None):
-  """Trains (or resumes, or skips when finished) one run and saves its model folder.
+def fit_model(ctx: Context, directory, build, tokenizer_dir, dataset, settings, train_cfg, loss_config, *,
+              select_on_dev=True, teachers=None):
+  """Trains (or resumes, or skips when finished) one run on `dataset` and saves its model folder.
 
   build: () -> (model, initial params); teachers: () -> fit()'s teacher arguments, or None.
   """
@@ -443,22 +525,22 @@ def fit_model(ctx: Context, directory, build, data, settings, train_cfg, loss_co
     log.info('%s: already trained, skipping', directory)
     return
   model, params = build()
-  saved_model.write_spec(directory, model, tokenizer_dir=ctx.tokenizer_dir, max_length=ctx.cfg.max_length,
+  saved_model.write_spec(directory, model, tokenizer_dir=tokenizer_dir, max_length=ctx.cfg.max_length,
                          task=ctx.cfg.task, label_names=ctx.task.label_names)
+  dev = ctx.encoded(tokenizer_dir, 'dev') if select_on_dev and 'dev' in ctx.examples else None
   t0 = time.perf_counter()
-  params = train.fit(directory, model, data, train_cfg, loss_config, mesh=ctx.mesh, init_params=params,
-                     **(teachers() if teachers else {}),
-                     eval_data=ctx.encoded.get('dev') if select_on_dev else None,
+  params = train.fit(directory, model, ctx.encoded(tokenizer_dir, dataset), train_cfg, loss_config, mesh=ctx.mesh,
+                     init_params=params, **(teachers() if teachers else {}), eval_data=dev,
                      eval_metrics=ctx.metrics, primary_metric=ctx.primary)
-  if model.combine == 'learned' and select_on_dev and 'dev' in ctx.encoded:
-    params = _fit_head_weights(ctx, directory, model, params)
+  if model.combine == 'learned' and dev is not None:
+    params = _fit_head_weights(ctx, directory, model, params, dev)
   saved_model.update_spec(directory, combine_weights=np.asarray(combination_weights(model, params)).tolist())
   log.info('%s: trained in %.0f s', directory, time.perf_counter() - t0)
 
 
-def _fit_head_weights(ctx, directory, model, params):
+def _fit_head_weights(ctx, directory, model, params, dev):
   """Fits the learned head combination on dev and saves it into the final params."""
-  head_logits = predict(ctx, model, params, 'dev')['head_logits']
+  head_logits = predict(ctx, model, params, dev)['head_logits']
   weights = distill.fit_combination_weights(head_logits, ctx.examples['dev'].labels)
   params = {**jax.tree.map(np.asarray, params), 'combine_weights': weights}
   train.save_params(pathlib.Path(directory) / 'final', params)
@@ -467,15 +549,19 @@ def _fit_head_weights(ctx, directory, model, params):
 
 
 def stage_teachers(ctx: Context):
+  """Fine-tunes the checkpoint teachers (bi-encoder and imported-score teachers need no training)."""
   cfg = ctx.cfg
   options = model_options(cfg)
-  for i, directory in enumerate(ctx.teacher_dirs()):
-    checkpoint = distill.per_teacher(cfg.teacher_checkpoints, i)
-    seed = distill.per_teacher(cfg.teacher_seeds, i, default=i)
-    lr = distill.per_teacher(cfg.teacher_learning_rates, i)
-    fit_model(ctx, directory, lambda: factory.teacher(checkpoint, ctx.task.num_classes, seed, options),
-              ctx.encoded['train'], distill.teacher_settings(cfg, i),
-              train_config(cfg, ctx.buckets, epochs=cfg.teacher_epochs, learning_rate=lr, seed=seed),
+  for t in ctx.teachers:
+    if t.kind != 'checkpoint':
+      continue
+    seed = distill.per_teacher(cfg.teacher_seeds, t.index, default=t.index)
+    fit_model(ctx, t.directory,
+              lambda t=t, seed=seed: factory.teacher(t.source, ctx.task.num_classes, seed, options),
+              t.tokenizer_dir, 'train', distill.teacher_settings(cfg, t.index),
+              train_config(cfg, ctx.buckets, epochs=cfg.teacher_epochs, seed=seed,
+                           learning_rate=distill.per_teacher(cfg.teacher_learning_rates, t.index),
+                           batch_size=distill.per_teacher(cfg.teacher_batch_sizes, t.index)),
               train.LossConfig())
 
 
@@ -486,85 +572,132 @@ def params_fingerprint(params):
   return digest.hexdigest()[:16]
 
 
-def teacher_fingerprint(directory):
-  """Identity of a trained teacher: a hash of its final parameters."""
-  path = pathlib.Path(directory) / 'fingerprint'
+def teacher_fingerprint(ctx: Context, teacher: Teacher):
+  """Identity of a teacher for the logit store: a hash of its final (or encoder) parameters, or of the
+  scores file."""
+  if teacher.kind == 'scores':
+    return 'sha256:' + teachers_lib.file_sha256(teacher.source)[:16]
+  path = teacher.directory / 'fingerprint'
   if not path.exists():
-    _, params, _ = saved_model.load(directory)
+    if teacher.kind == 'checkpoint':
+      if not train.is_complete(teacher.directory):
+        raise UserError(f'teacher {teacher.directory} is not trained yet: run the teachers stage first')
+      params = saved_model.load(teacher.directory)[1]
+    else:
+      params = factory.load_encoder(teacher.source, model_options(ctx.cfg))[1]
+    teacher.directory.mkdir(parents=True, exist_ok=True)
     path.write_text(params_fingerprint(params))
   return path.read_text()
 
 
-def _trained_teachers(ctx):
-  dirs = ctx.teacher_dirs()
-  missing = [str(d) for d in dirs if not train.is_complete(d)]
-  if missing:
-    raise UserError(f'teachers not trained yet ({", ".join(missing)}): run the teachers stage first')
-  return dirs
-
-
-def store_manifest(ctx, directory, dataset):
-  return {'teacher': teacher_fingerprint(directory), 'data': ctx.examples[dataset].fingerprint,
+def store_manifest(ctx, teacher, dataset):
+  return {'teacher': teacher_fingerprint(ctx, teacher), 'data': ctx.examples[dataset].fingerprint,
           'max_length': ctx.cfg.max_length}
 
 
 def stage_logits(ctx: Context):
-  """Teacher logits on every dataset, computed once per teacher and row (rows are keyed by row id,
-  so a row shared by several sets, e.g. TMKD's unlabelled set and train, is predicted once)."""
+  """Every teacher's logits on every dataset, stored by row key (a row shared by several sets, e.g. TMKD's
+  unlabelled set and train, is predicted once)."""
   store = data_lib.LogitStore(ctx.shared / 'logits')
-  for directory in _trained_teachers(ctx):
-    model, params = None, None
-    known = {}  # row id -> this teacher's logits, over the datasets seen so far
-    for dataset, encoded in ctx.encoded.items():
-      name, manifest = f'{directory.name}.{dataset}', store_manifest(ctx, directory, dataset)
-      ids = ctx.examples[dataset].ids
-      if store.has(name, manifest):
-        logits, stored_ids = store.read(name, manifest)
-        known.update(zip(stored_ids.tolist(), logits))
-        continue
-      if model is None:
-        model, params, _ = saved_model.load(directory)
-      todo = np.array([i for i, key in enumerate(ids.tolist()) if key not in known], np.int64)
-      log.info('%s: predicting %d rows, %d reused from earlier sets', name, len(todo), len(ids) - len(todo))
-      if len(todo):
-        out = train.predict(model, params, encoded.select(todo), mesh=ctx.mesh, batch_size=ctx.cfg.eval_batch_size,
-                            buckets=ctx.buckets, desc=f'{name} logits' if ctx.cfg.progress else None)
-        known.update(zip(ids[todo].tolist(), out['logits']))
-      if jax.process_index() == 0:
-        store.write(name, np.stack([known[key] for key in ids.tolist()]), ids, manifest)
+  for teacher in ctx.teachers:
+    todo = [d for d in ctx.examples if not store.has(f'{teacher.name}.{d}', store_manifest(ctx, teacher, d))]
+    if not todo:
+      continue
+    if teacher.kind == 'checkpoint':
+      logits = _predicted_logits(ctx, store, teacher, todo)
+    else:
+      logits = _calibrated_logits(ctx, teacher)
+    if jax.process_index() == 0:
+      for dataset in todo:
+        store.write(f'{teacher.name}.{dataset}', logits[dataset], ctx.examples[dataset].ids,
+                    store_manifest(ctx, teacher, dataset))
 
 
-def teacher_logits(ctx: Context, dataset, teachers=None):
-  """[N, T, C] logits of the chosen teachers (default all) on `dataset`, read from the store by row id."""
+def _predicted_logits(ctx, store, teacher, todo):
+  """A fine-tuned teacher's logits on the `todo` datasets, reusing rows it already predicted."""
+  known = {}  # row key -> logits
+  for dataset in ctx.examples:
+    if dataset not in todo:
+      stored, ids = store.read(f'{teacher.name}.{dataset}', store_manifest(ctx, teacher, dataset))
+      known.update(zip(ids.tolist(), stored))
+  model, params, _ = saved_model.load(teacher.directory)
+  out = {}
+  for dataset in todo:
+    ids = ctx.examples[dataset].ids.tolist()
+    new = np.array([i for i, key in enumerate(ids) if key not in known], np.int64)
+    log.info('%s.%s: predicting %d rows, %d reused from earlier sets', teacher.name, dataset, len(new),
+             len(ids) - len(new))
+    if len(new):
+      encoded = ctx.encoded(teacher.tokenizer_dir, dataset).select(new)
+      predicted = train.predict(model, params, encoded, mesh=ctx.mesh, batch_size=ctx.cfg.eval_batch_size,
+                                buckets=ctx.buckets, desc=f'{teacher.name}.{dataset}' if ctx.cfg.progress else None)
+      known.update(zip((ids[i] for i in new), predicted['logits']))
+    out[dataset] = np.stack([known[key] for key in ids])
+  return out
+
+
+def _calibrated_logits(ctx, teacher):
+  """Logits of an imported-scores or bi-encoder teacher on every dataset (scalar scores calibrated on dev)."""
+  if teacher.kind == 'scores':
+    keys, values = teachers_lib.read_scores(teacher.source, ctx.task.num_classes)
+    values = teachers_lib.align(teacher.source, keys, values, {d: e.ids for d, e in ctx.examples.items()})
+    if next(iter(values.values())).ndim == 2:
+      return values  # per-class logits, used as they are
+    log.info('%s: %d imported scores from %s', teacher.name, len(keys), teacher.source)
+  else:
+    embed = biencoder(ctx, teacher)
+    values = {d: embed(e.text_a, e.text_b) for d, e in ctx.examples.items()}
+  if 'dev' not in values:
+    raise UserError(f'{teacher.name} ({teacher.kind}:{teacher.source}) gives scalar scores, which are '
+                    'calibrated on the dev split: give a --dev_split')
+  a, b = teachers_lib.fit_calibration(values['dev'], ctx.examples['dev'].labels)
+  log.info('%s: calibrated on dev: logit = %.4g * score + %.4g', teacher.name, a, b)
+  return {d: teachers_lib.calibrated_logits(v, a, b) for d, v in values.items()}
+
+
+def biencoder(ctx, teacher):
+  """(text_a, text_b) -> cosines of a checkpoint's mean-pooled embeddings (its own tokenizer)."""
+  config, params = factory.load_encoder(teacher.source, model_options(ctx.cfg))
+  encoder = factory.encoder_module(config)
+  embed = jax.jit(lambda ids, mask: encoder.apply({'params': params}, ids, jnp.zeros_like(ids), mask)['sequence'])
+  tokenizer = load_tokenizer(teacher.tokenizer_dir)
+  return lambda text_a, text_b: teachers_lib.mean_pooled_cosines(embed, tokenizer, text_a, text_b,
+                                                                 ctx.cfg.max_length, ctx.cfg.eval_batch_size)
+
+
+def teacher_logits(ctx: Context, dataset, indices=None):
+  """[N, T, C] logits of the chosen teachers (default all) on `dataset`, read from the store by row key."""
   store = data_lib.LogitStore(ctx.shared / 'logits')
-  dirs = ctx.teacher_dirs()
-  chosen = [dirs[i] for i in (range(len(dirs)) if teachers is None else teachers)]
+  chosen = [ctx.teachers[i] for i in (range(len(ctx.teachers)) if indices is None else indices)]
   stacked = []
-  for directory in chosen:
-    name = f'{directory.name}.{dataset}'
-    manifest = store_manifest(ctx, directory, dataset)
+  for teacher in chosen:
+    name, manifest = f'{teacher.name}.{dataset}', store_manifest(ctx, teacher, dataset)
     if not store.has(name, manifest):
       raise UserError(f'teacher logits {name} are missing or stale: run the logits stage')
     stacked.append(store.read_rows(name, manifest, ctx.examples[dataset].ids))
   return np.stack(stacked, axis=1)
 
 
-def teacher_inputs(ctx: Context, dataset, teachers):
+def teacher_inputs(ctx: Context, dataset, indices):
   """A callable giving fit()'s teacher arguments: the chosen teachers' stored logits, or with
   --online_teachers the frozen models run inside the train step. Deferred: finished runs load nothing."""
   def load():
     if not ctx.cfg.online_teachers:
-      return {'teacher_logits': teacher_logits(ctx, dataset, teachers)}
-    dirs = ctx.teacher_dirs()
-    loaded = [saved_model.load(dirs[i])[:2] for i in teachers]
+      return {'teacher_logits': teacher_logits(ctx, dataset, indices)}
+    loaded = [saved_model.load(ctx.teachers[i].directory)[:2] for i in indices]
     return {'teacher_models': tuple(m for m, _ in loaded), 'teacher_params': tuple(p for _, p in loaded)}
   return load
 
 
 def best_teacher(ctx: Context):
   """Index of the teacher with the best dev score (the kd_single teacher; teacher_0 without dev)."""
-  scores = [train.read_summary(d)['best_score'] for d in _trained_teachers(ctx)]
-  return 0 if None in scores else int(np.argmax(scores))
+  if 'dev' not in ctx.examples:
+    return 0
+  dev = ctx.examples['dev']
+  logits = teacher_logits(ctx, 'dev')
+  scores = [metrics_lib.compute([ctx.primary], dev.labels, train.softmax(logits[:, i]), dev.groups)[ctx.primary]
+            for i in range(len(ctx.teachers))]
+  return int(np.argmax(scores))
 
 
 def student_learning_rate(cfg, arch):
@@ -577,22 +710,24 @@ def _student_run(ctx, arch, method, *, stage1=False):
   run = distill.STAGE1 if stage1 else method
   indices = distill.teacher_indices(method, cfg.num_teachers, best_teacher(ctx) if method == 'kd_single' else 0)
   settings = {**distill.student_settings(cfg, arch, run),
-              'teachers': [teacher_fingerprint(ctx.teacher_dirs()[i]) for i in indices]}
+              'teachers': [teacher_fingerprint(ctx, ctx.teachers[i]) for i in indices]}
   heads = distill.num_heads(method, cfg.num_teachers)
   init_from = ctx.student_dir(arch, distill.STAGE1) if distill.METHODS[method].pretrain and not stage1 else None
   if init_from is not None and not train.is_complete(init_from):
     raise UserError(f'{method} needs TMKD stage 1 ({init_from}): run the pretrain stage first')
 
   def build():
-    model, params = factory.student(arch, cfg.student_checkpoint, ctx.task.num_classes, heads, cfg.student_seed,
-                                    model_options(cfg), combine=cfg.head_combine)
+    model, params = factory.student(arch, distill.student_checkpoint(cfg.student_checkpoint, arch),
+                                    ctx.task.num_classes, heads, cfg.student_seed,
+                                    model_options(cfg), combine=cfg.head_combine,
+                                    layers=None if arch == 'bilstm' else tuple(cfg.student_layers) or None)
     if init_from is not None:
       params = train.load_final(init_from)[0]
     return model, params
 
   dataset = 'unlabelled' if stage1 else 'train'
   epochs = cfg.pretrain_epochs if stage1 else cfg.student_epochs
-  fit_model(ctx, ctx.student_dir(arch, run), build, ctx.encoded[dataset], settings,
+  fit_model(ctx, ctx.student_dir(arch, run), build, ctx.student_tokenizer_dir(arch), dataset, settings,
             train_config(cfg, ctx.buckets, epochs=epochs, learning_rate=student_learning_rate(cfg, arch),
                          seed=cfg.student_seed),
             distill.loss_config(method, cfg), select_on_dev=not stage1,
@@ -617,19 +752,21 @@ def stage_distill(ctx: Context):
 # ---------------------------------------------------------------------------------------------
 # Evaluation and report.
 
-def predict(ctx, model, params, dataset):
-  return train.predict(model, params, ctx.encoded[dataset], mesh=ctx.mesh, batch_size=ctx.cfg.eval_batch_size,
+def predict(ctx, model, params, encoded):
+  return train.predict(model, params, encoded, mesh=ctx.mesh, batch_size=ctx.cfg.eval_batch_size,
                        buckets=ctx.buckets)
 
 
-def examples_per_sec(ctx, runs):
-  """Inference examples/s of running every (model, params) of `runs` on the first --speed_rows eval rows:
-  one warm-up pass, then the median of --speed_repeats timed passes."""
-  rows = ctx.encoded['eval'].select(np.arange(min(ctx.cfg.speed_rows, len(ctx.encoded['eval']))))
+def speed_rows(ctx, tokenizer_dir):
+  return ctx.encoded(tokenizer_dir, 'eval').select(np.arange(min(ctx.cfg.speed_rows, len(ctx.examples['eval']))))
 
+
+def examples_per_sec(ctx, runs):
+  """Inference examples/s of running every `run()` of `runs` (each scoring the first --speed_rows eval rows):
+  one warm-up pass, then the median of --speed_repeats timed passes."""
   def one_pass():
-    for model, params in runs:
-      train.predict(model, params, rows, mesh=ctx.mesh, batch_size=ctx.cfg.eval_batch_size, buckets=ctx.buckets)
+    for run in runs:
+      run()
 
   one_pass()
   times = []
@@ -637,7 +774,12 @@ def examples_per_sec(ctx, runs):
     t0 = time.perf_counter()
     one_pass()
     times.append(time.perf_counter() - t0)
-  return len(rows) / statistics.median(times)
+  return min(ctx.cfg.speed_rows, len(ctx.examples['eval'])) / statistics.median(times)
+
+
+def timed_model(ctx, model, params, tokenizer_dir):
+  rows = speed_rows(ctx, tokenizer_dir)
+  return lambda: predict(ctx, model, params, rows)
 
 
 def threshold_of(ctx, dev_probs):
@@ -653,39 +795,60 @@ def scores(ctx, probs, threshold):
   return metrics_lib.compute(ctx.metrics, eval_examples.labels, probs, eval_examples.groups, threshold=threshold)
 
 
+def _teacher_row(ctx, teacher, eval_logits, dev_logits):
+  """A teacher's results row and its timed inference (None for imported scores)."""
+  threshold = threshold_of(ctx, None if dev_logits is None else train.softmax(dev_logits))
+  row = {'name': teacher.name, 'method': 'teacher', 'student': None, 'kind': teacher.kind,
+         'checkpoint': teacher.source, 'params': None, 'threshold': threshold,
+         'metrics': scores(ctx, train.softmax(eval_logits), threshold)}
+  timed = None
+  if teacher.kind == 'checkpoint':
+    model, params, _ = saved_model.load(teacher.directory)
+    saved_model.update_spec(teacher.directory, threshold=threshold)
+    row['params'] = count_params(params)
+    timed = timed_model(ctx, model, params, teacher.tokenizer_dir)
+  elif teacher.kind == 'biencoder':
+    embed = biencoder(ctx, teacher)
+    rows = ctx.examples['eval'].select(np.arange(min(ctx.cfg.speed_rows, len(ctx.examples['eval']))))
+    row['params'] = count_params(factory.load_encoder(teacher.source, model_options(ctx.cfg))[1])
+    timed = lambda: embed(rows.text_a, rows.text_b)
+  return row, timed
+
+
 def stage_evaluate(ctx: Context):
   """Metrics on the eval split (and at a dev-tuned threshold) and the measured speed of every model."""
   cfg = ctx.cfg
   out_dir = ctx.workdir / 'eval'
   out_dir.mkdir(parents=True, exist_ok=True)
-  dirs = _trained_teachers(ctx)
   eval_logits = teacher_logits(ctx, 'eval')
-  dev_logits = teacher_logits(ctx, 'dev') if 'dev' in ctx.encoded else None
-  loaded = [saved_model.load(d)[:2] for d in dirs]
-  rows = []
-  for i, (directory, (model, params)) in enumerate(zip(dirs, loaded)):
-    threshold = threshold_of(ctx, None if dev_logits is None else train.softmax(dev_logits[:, i]))
-    saved_model.update_spec(directory, threshold=threshold)
-    rows.append({'name': directory.name, 'method': 'teacher', 'student': None,
-                 'checkpoint': distill.per_teacher(cfg.teacher_checkpoints, i), 'params': count_params(params),
-                 'examples_per_sec': examples_per_sec(ctx, [(model, params)]), 'threshold': threshold,
-                 'metrics': scores(ctx, train.softmax(eval_logits[:, i]), threshold)})
-  ensemble = lambda logits: np.mean([train.softmax(logits[:, i]) for i in range(len(dirs))], 0)
+  dev_logits = teacher_logits(ctx, 'dev') if 'dev' in ctx.examples else None
+  rows, timed = [], []
+  for i, teacher in enumerate(ctx.teachers):
+    row, run = _teacher_row(ctx, teacher, eval_logits[:, i], None if dev_logits is None else dev_logits[:, i])
+    row['examples_per_sec'] = examples_per_sec(ctx, [run]) if run else None
+    rows.append(row)
+    timed.append(run)
+  ensemble = lambda logits: np.mean([train.softmax(logits[:, i]) for i in range(len(ctx.teachers))], 0)
   threshold = threshold_of(ctx, None if dev_logits is None else ensemble(dev_logits))
+  runnable = all(timed)
   rows.append({'name': 'teacher_ensemble', 'method': 'teacher_ensemble', 'student': None,
-               'params': sum(r['params'] for r in rows), 'examples_per_sec': examples_per_sec(ctx, loaded),
+               'params': sum(r['params'] for r in rows) if runnable else None,
+               'examples_per_sec': examples_per_sec(ctx, timed) if runnable else None,
                'threshold': threshold, 'metrics': scores(ctx, ensemble(eval_logits), threshold)})
   for arch in cfg.students:
     for method in cfg.methods:
       directory = ctx.student_dir(arch, method)
       model, params, _ = saved_model.load(directory)
-      dev = predict(ctx, model, params, 'dev') if 'dev' in ctx.encoded else None
+      dev = predict(ctx, model, params, ctx.encoded(ctx.student_tokenizer_dir(arch), 'dev')) if 'dev' in ctx.examples \
+          else None
       threshold = threshold_of(ctx, None if dev is None else train.softmax(dev['logits']))
       saved_model.update_spec(directory, threshold=threshold)
-      result = train.evaluate(model, params, ctx.encoded['eval'], ctx.metrics, mesh=ctx.mesh,
-                              batch_size=cfg.eval_batch_size, buckets=ctx.buckets, threshold=threshold)
+      result = train.evaluate(model, params, ctx.encoded(ctx.student_tokenizer_dir(arch), 'eval'), ctx.metrics,
+                              mesh=ctx.mesh, batch_size=cfg.eval_batch_size, buckets=ctx.buckets, threshold=threshold)
       rows.append({'name': f'{arch}_{method}', 'method': method, 'student': arch, 'params': count_params(params),
-                   'examples_per_sec': examples_per_sec(ctx, [(model, params)]), 'threshold': threshold,
+                   'examples_per_sec': examples_per_sec(ctx, [timed_model(ctx, model, params,
+                                                                          ctx.student_tokenizer_dir(arch))]),
+                   'threshold': threshold,
                    'combine_weights': np.asarray(combination_weights(model, params)).tolist(),
                    'metrics': {k: v for k, v in result.items() if '/' not in k},
                    'head_metrics': {k: v for k, v in result.items() if '/' in k}})
@@ -699,7 +862,7 @@ def stage_report(ctx: Context):
   evaluated = json.loads(path.read_text())
   results = {'task': ctx.cfg.task, 'split': ctx.cfg.eval_split, 'primary_metric': ctx.primary,
              'provenance': evaluated['provenance'], 'config': dataclasses.asdict(ctx.cfg),
-             'speed': {'rows': min(ctx.cfg.speed_rows, len(ctx.encoded['eval'])),
+             'speed': {'rows': min(ctx.cfg.speed_rows, len(ctx.examples['eval'])),
                        'batch_size': ctx.cfg.eval_batch_size, 'buckets': list(ctx.buckets),
                        'timing': f'median of {ctx.cfg.speed_repeats} passes after a warm-up pass'},
              'rows': evaluated['rows']}
@@ -711,16 +874,20 @@ def stage_report(ctx: Context):
 def results_markdown(results):
   rows = results['rows']
   names = list(rows[0]['metrics'])
-  teacher_speed = max(r['examples_per_sec'] for r in rows if r['method'] == 'teacher')
+  speeds = [r['examples_per_sec'] for r in rows if r['method'] == 'teacher' and r['examples_per_sec']]
+  teacher_speed = max(speeds) if speeds else None
   p, s = results['provenance'], results['speed']
+  number = lambda x, fmt: '-' if x is None else format(x, fmt)
   lines = [f"Task `{results['task']}`, split `{results['split']}`. {p['date']}, {p['cpu_model']} "
            f"({p['backend']}), commit {p['commit'][:12]}. ex/s: inference on {s['rows']} eval rows, batch "
            f"{s['batch_size']}, {s['timing']}; speedup against the fastest teacher.", '',
            '| model | method | student | params | ex/s | speedup vs teacher | ' + ' | '.join(names) + ' |',
            '|' + '---|' * (6 + len(names))]
   for r in rows:
-    lines.append(f"| {r['name']} | {r['method']} | {r['student'] or '-'} | {r['params'] / 1e6:.2f}M | "
-                 f"{r['examples_per_sec']:.0f} | {r['examples_per_sec'] / teacher_speed:.1f}x | "
+    speed = r['examples_per_sec']
+    lines.append(f"| {r['name']} | {r['method']} | {r['student'] or '-'} | "
+                 f"{number(r['params'] and r['params'] / 1e6, '.2f')}M | {number(speed, '.0f')} | "
+                 f"{number(speed and teacher_speed and speed / teacher_speed, '.1f')}x | "
                  + ' | '.join(f"{r['metrics'][n]:.4f}" for n in names) + ' |')
   return '\n'.join(lines) + '\n'
 
@@ -742,11 +909,11 @@ def run(cfg: Config):
   workdir.mkdir(parents=True, exist_ok=True)
   train.enable_compilation_cache(cfg.compilation_cache_dir or shared / 'cache' / 'xla')
   task = data_lib.get_task(cfg.task)
-  examples, encoded, tokenizer_dir = load_data(cfg, task, shared / 'cache' / 'tokens')
+  examples = load_examples(cfg, task)
   metric_names, primary = task.metrics_for(examples['eval'])
   ctx = Context(cfg=cfg, workdir=workdir, shared=shared, task=task, buckets=buckets_of(cfg), examples=examples,
-                encoded=encoded, tokenizer_dir=tokenizer_dir, mesh=train.make_mesh(cfg.fsdp),
-                metrics=metric_names, primary=primary)
+                teachers=teachers_of(cfg, shared),
+                mesh=train.make_mesh(cfg.fsdp), metrics=metric_names, primary=primary)
   check_saved_runs(ctx)
   history = workdir / 'history'
   history.mkdir(exist_ok=True)

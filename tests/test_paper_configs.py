@@ -78,28 +78,29 @@ def check_config(path):
   import jax.numpy as jnp
   import tensorflow_datasets as tfds
   import run
-  from mkdm_jax import data, pipeline, train
+  from mkdm_jax import data, distill, pipeline, train
   from mkdm_jax.models import factory
   run.FLAGS.unparse_flags()
   run.FLAGS(['run.py', f'--flagfile={path}', '--workdir=/nonexistent'])
   cfg = pipeline.config_from_strings({f.name: run.FLAGS[f.name].value for f in dataclasses.fields(pipeline.Config)})
+  factory.load_encoder = fake_load_encoder
   pipeline.validate(cfg)
   task = data.get_task(cfg.task)
   with tfds.testing.mock_data(num_examples=4):  # the split names exist for this tfds dataset
     for split in (cfg.train_split, cfg.dev_split, cfg.eval_split):
       data.load_split(task, split)
-  factory.load_encoder = fake_load_encoder
   mesh = train.make_mesh(cfg.fsdp)
   options = pipeline.model_options(cfg)
   teacher = factory.Classifier(fake_load_encoder(cfg.teacher_checkpoints[0])[0], task.num_classes,
                                dtype=jnp.dtype(options.dtype))
   dummy = jnp.zeros((1, 8), jnp.int32)
   teacher_params = jax.eval_shape(lambda: teacher.init(jax.random.PRNGKey(0), dummy, dummy, dummy)['params'])
-  student, student_params = factory.student(cfg.students[0], cfg.student_checkpoint, task.num_classes,
+  student_checkpoint = distill.student_checkpoint(cfg.student_checkpoint, cfg.students[0])
+  student, student_params = factory.student(cfg.students[0], student_checkpoint, task.num_classes,
                                             cfg.num_teachers, 0, options)
   return {'task': task.name, 'num_classes': task.num_classes, 'fsdp': cfg.fsdp,
           'devices': jax.device_count(), 'teacher_checkpoints': list(cfg.teacher_checkpoints),
-          'student_checkpoint': cfg.student_checkpoint,
+          'student_checkpoint': student_checkpoint,
           'teacher': sharded_state(teacher, teacher_params, mesh, cfg),
           'student': sharded_state(student, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                                          student_params), mesh, cfg)}

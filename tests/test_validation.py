@@ -29,7 +29,7 @@ def validate(**overrides):
     (dict(head_combine='learned', methods=('mkdm',), num_teachers=1), ['--head_combine=learned', '--num_teachers']),
     (dict(head_combine='learned', methods=('mkdm',), dev_split='none'), ['--head_combine=learned', '--dev_split']),
     (dict(hidden_weight=0.5, students=('bert3',)), ['--hidden_weight', '--online_teachers']),
-    (dict(ONLINE, attention_weight=0.5, student_checkpoint='minilm-l6'), ['--attention_weight']),
+    (dict(ONLINE, attention_weight=0.5, student_checkpoint=('minilm-l6',)), ['--attention_weight']),
 ])
 def test_refused(overrides, flags):
   with pytest.raises(UserError) as error:
@@ -46,8 +46,8 @@ def test_refused(overrides, flags):
     dict(soft_loss='mse', methods=('mkdm',)),
     dict(head_combine='learned', methods=('mkdm',), num_teachers=3),
     dict(head_combine='learned', methods=('student_scratch', 'tmkd'), num_teachers=2),
-    dict(ONLINE, hidden_weight=0.5, student_checkpoint='random'),
-    dict(ONLINE, attention_weight=0.5, student_checkpoint='random'),
+    dict(ONLINE, hidden_weight=0.5, student_checkpoint=('random',)),
+    dict(ONLINE, attention_weight=0.5, student_checkpoint=('random',)),
 ])
 def test_accepted(overrides):
   validate(**overrides)
@@ -57,8 +57,8 @@ def test_attention_head_counts_come_from_the_checkpoints():
   """MiniLM has 12 attention heads; the refusal names both counts before any training."""
   from mkdm_jax.models import resolve_checkpoint
   assert resolve_checkpoint('minilm-l6').exists()
-  with pytest.raises(UserError, match=r'\[2\] attention heads and the students 12'):
-    validate(**ONLINE, attention_weight=0.5, student_checkpoint='minilm-l6')
+  with pytest.raises(UserError, match=r'\[2\] attention heads and the students \[12\]'):
+    validate(**ONLINE, attention_weight=0.5, student_checkpoint=('minilm-l6',))
 
 
 def test_config_from_strings_names_the_flag_of_a_non_number():

@@ -1,0 +1,93 @@
+"""Imported teacher scores and bi-encoder teachers against hand computations."""
+import json
+
+import numpy as np
+import pytest
+
+from mkdm_jax import teachers
+from mkdm_jax.errors import UserError
+
+
+def test_parse_spec():
+  assert teachers.parse_spec('minilm-l6') == ('checkpoint', 'minilm-l6')
+  assert teachers.parse_spec('biencoder:mpnet-base') == ('biencoder', 'mpnet-base')
+  assert teachers.parse_spec('scores:/tmp/a.tsv') == ('scores', '/tmp/a.tsv')
+  assert teachers.parse_spec('C:/models/x') == ('checkpoint', 'C:/models/x')
+  with pytest.raises(UserError, match='after scores:'):
+    teachers.parse_spec('scores:')
+
+
+def test_read_scalar_and_logit_scores(tmp_path):
+  tsv = tmp_path / 's.tsv'
+  tsv.write_text('group\trow\tlabel\tscore\thead_0\nQ1\t-5\t1\t0.25\t0.2\nQ1\t7\t0\t-1.5\t0.1\n')
+  keys, values = teachers.read_scores(tsv, 2)
+  assert keys.tolist() == [-5, 7] and values.tolist() == [0.25, -1.5]
+  tsv.write_text('row\tlogit_0\tlogit_1\n3\t1.0\t-2.0\n')
+  keys, values = teachers.read_scores(tsv, 2)
+  assert keys.tolist() == [3] and values.tolist() == [[1.0, -2.0]]
+  jsonl = tmp_path / 's.jsonl'
+  jsonl.write_text(json.dumps({'row': 1, 'logits': [0.5, 1.5]}) + '\n' + json.dumps({'row': 2, 'logits': [0, 1]}))
+  keys, values = teachers.read_scores(jsonl, 2)
+  assert keys.tolist() == [1, 2] and values.tolist() == [[0.5, 1.5], [0.0, 1.0]]
+
+
+@pytest.mark.parametrize('name,content,message', [
+    ('a.tsv', 'row\tprob\n1\t0.5\n', ':1: the header needs a "row" column'),
+    ('a.tsv', 'row\tscore\n1\t0.5\n2\n', ':3: expected 2 tab-separated fields'),
+    ('a.tsv', 'row\tscore\n1\tnan\n', ':2: expected one finite score'),
+    ('a.tsv', 'row\tscore\nx\t1\n', ':2: row key'),
+    ('a.tsv', 'row\tscore\n1\t0.5\n1\t0.7\n', 'row key 1 appears 2 times'),
+    ('a.jsonl', '{"row": 1, "score": 1}\n{"row": 2}\n', ':2: expected an object'),
+    ('a.jsonl', '{"row": 1, "score": 1}\n{"row": 2, "logits": [1, 2]}\n', 'mixes scalar scores'),
+    ('a.jsonl', '{"row": 1, "logits": [1, 2, 3]}\n', ':1: expected one finite score or 2 logits'),
+    ('a.tsv', '', 'empty file'),
+])
+def test_bad_score_files_name_file_and_line(tmp_path, name, content, message):
+  path = tmp_path / name
+  path.write_text(content)
+  with pytest.raises(UserError) as e:
+    teachers.read_scores(path, 2)
+  assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_align_reports_missing_and_extra_rows(tmp_path):
+  keys, values = np.array([10, 11, 12]), np.array([1.0, 2.0, 3.0])
+  out = teachers.align('f.tsv', keys, values, {'train': np.array([12, 10]), 'dev': np.array([11])})
+  assert out['train'].tolist() == [3.0, 1.0] and out['dev'].tolist() == [2.0]
+  with pytest.raises(UserError, match=r'missing for dev: 1 rows \(first keys \[99\]\)'):
+    teachers.align('f.tsv', keys, values, {'train': np.array([12, 10, 11]), 'dev': np.array([99])})
+  with pytest.raises(UserError, match='1 scored rows belong to none'):
+    teachers.align('f.tsv', keys, values, {'train': np.array([12, 10])})
+
+
+def test_calibration_recovers_a_logistic_model():
+  rng = np.random.default_rng(0)
+  scores = rng.normal(3.0, 2.0, size=20000)  # any scale and offset
+  a, b = 1.5, -4.0
+  labels = (rng.random(20000) < 1 / (1 + np.exp(-(a * scores + b)))).astype(np.int32)
+  labels[:100] = -1  # unlabelled rows are ignored
+  fitted_a, fitted_b = teachers.fit_calibration(scores, labels)
+  assert fitted_a == pytest.approx(a, rel=0.08) and fitted_b == pytest.approx(b, rel=0.08)
+  logits = teachers.calibrated_logits(np.array([0.0, 2.0]), fitted_a, fitted_b)
+  np.testing.assert_allclose(logits, [[0, fitted_b], [0, 2 * fitted_a + fitted_b]], rtol=1e-6)
+  with pytest.raises(UserError, match='both classes'):
+    teachers.fit_calibration(scores[:10], np.zeros(10, np.int32))
+
+
+def test_mean_pooled_cosines_by_hand(minilm_dir):
+  from mkdm_jax.models import load_tokenizer
+  tokenizer = load_tokenizer(minilm_dir)
+  tokenizer.no_padding()
+  vocab = tokenizer.get_vocab_size()
+  table = np.random.default_rng(1).normal(size=(vocab, 5)).astype(np.float32)
+  embed = lambda ids, mask: table[ids]  # token states: a fixed random vector per token id
+  text_a, text_b = ['who wrote hamlet', 'what is a cat', 'who wrote hamlet'], ['shakespeare', 'a cat is an animal',
+                                                                               'a cat is an animal']
+  cosines = teachers.mean_pooled_cosines(embed, tokenizer, text_a, text_b, max_length=16, batch_size=2)
+
+  def hand(text):
+    ids = tokenizer.encode(text).ids  # [CLS] ... [SEP], as the sentence encoder sees a single text
+    mean = table[ids].mean(0)
+    return mean / np.linalg.norm(mean)
+  expected = [float(hand(a) @ hand(b)) for a, b in zip(text_a, text_b)]
+  np.testing.assert_allclose(cosines, expected, rtol=1e-5)
