@@ -790,21 +790,31 @@ def threshold_of(ctx, dev_probs):
   return metrics_lib.best_f1_threshold(labels, dev_probs[:, 1])
 
 
-def scores(ctx, probs, threshold):
-  eval_examples = ctx.examples['eval']
-  return metrics_lib.compute(ctx.metrics, eval_examples.labels, probs, eval_examples.groups, threshold=threshold)
+def scores(ctx, probs, threshold, dataset='eval'):
+  examples = ctx.examples[dataset]
+  return metrics_lib.compute(ctx.metrics, examples.labels, probs, examples.groups, threshold=threshold)
 
 
-def _teacher_row(ctx, teacher, eval_logits, dev_logits):
+def _row(ctx, name, eval_probs, dev_probs, saved, **fields):
+  """A results row: metrics on eval (at the dev-tuned threshold too) and dev; `saved` collects the
+  probabilities for eval/probabilities.npz."""
+  threshold = threshold_of(ctx, dev_probs)
+  saved[f'eval/{name}'] = eval_probs
+  row = {'name': name, **fields, 'threshold': threshold, 'metrics': scores(ctx, eval_probs, threshold)}
+  if dev_probs is not None:
+    saved[f'dev/{name}'] = dev_probs
+    row['dev_metrics'] = scores(ctx, dev_probs, threshold, 'dev')
+  return row
+
+
+def _teacher_row(ctx, teacher, eval_logits, dev_logits, saved):
   """A teacher's results row and its timed inference (None for imported scores)."""
-  threshold = threshold_of(ctx, None if dev_logits is None else train.softmax(dev_logits))
-  row = {'name': teacher.name, 'method': 'teacher', 'student': None, 'kind': teacher.kind,
-         'checkpoint': teacher.source, 'params': None, 'threshold': threshold,
-         'metrics': scores(ctx, train.softmax(eval_logits), threshold)}
+  row = _row(ctx, teacher.name, train.softmax(eval_logits), None if dev_logits is None else train.softmax(dev_logits),
+             saved, method='teacher', student=None, kind=teacher.kind, checkpoint=teacher.source, params=None)
   timed = None
   if teacher.kind == 'checkpoint':
     model, params, _ = saved_model.load(teacher.directory)
-    saved_model.update_spec(teacher.directory, threshold=threshold)
+    saved_model.update_spec(teacher.directory, threshold=row['threshold'])
     row['params'] = count_params(params)
     timed = timed_model(ctx, model, params, teacher.tokenizer_dir)
   elif teacher.kind == 'biencoder':
@@ -816,42 +826,43 @@ def _teacher_row(ctx, teacher, eval_logits, dev_logits):
 
 
 def stage_evaluate(ctx: Context):
-  """Metrics on the eval split (and at a dev-tuned threshold) and the measured speed of every model."""
+  """Metrics on the eval split (and at a dev-tuned threshold) and on dev, the measured speed of every model,
+  and every model's positive-class probabilities by row (eval/probabilities.npz, for paired tests)."""
   cfg = ctx.cfg
   out_dir = ctx.workdir / 'eval'
   out_dir.mkdir(parents=True, exist_ok=True)
   eval_logits = teacher_logits(ctx, 'eval')
   dev_logits = teacher_logits(ctx, 'dev') if 'dev' in ctx.examples else None
-  rows, timed = [], []
+  rows, timed, saved = [], [], {}
   for i, teacher in enumerate(ctx.teachers):
-    row, run = _teacher_row(ctx, teacher, eval_logits[:, i], None if dev_logits is None else dev_logits[:, i])
+    row, run = _teacher_row(ctx, teacher, eval_logits[:, i], None if dev_logits is None else dev_logits[:, i], saved)
     row['examples_per_sec'] = examples_per_sec(ctx, [run]) if run else None
     rows.append(row)
     timed.append(run)
   ensemble = lambda logits: np.mean([train.softmax(logits[:, i]) for i in range(len(ctx.teachers))], 0)
-  threshold = threshold_of(ctx, None if dev_logits is None else ensemble(dev_logits))
   runnable = all(timed)
-  rows.append({'name': 'teacher_ensemble', 'method': 'teacher_ensemble', 'student': None,
-               'params': sum(r['params'] for r in rows) if runnable else None,
-               'examples_per_sec': examples_per_sec(ctx, timed) if runnable else None,
-               'threshold': threshold, 'metrics': scores(ctx, ensemble(eval_logits), threshold)})
+  rows.append(_row(ctx, 'teacher_ensemble', ensemble(eval_logits), None if dev_logits is None else ensemble(dev_logits),
+                   saved, method='teacher_ensemble', student=None,
+                   params=sum(r['params'] for r in rows) if runnable else None,
+                   examples_per_sec=examples_per_sec(ctx, timed) if runnable else None))
   for arch in cfg.students:
     for method in cfg.methods:
       directory = ctx.student_dir(arch, method)
       model, params, _ = saved_model.load(directory)
-      dev = predict(ctx, model, params, ctx.encoded(ctx.student_tokenizer_dir(arch), 'dev')) if 'dev' in ctx.examples \
-          else None
-      threshold = threshold_of(ctx, None if dev is None else train.softmax(dev['logits']))
-      saved_model.update_spec(directory, threshold=threshold)
-      result = train.evaluate(model, params, ctx.encoded(ctx.student_tokenizer_dir(arch), 'eval'), ctx.metrics,
-                              mesh=ctx.mesh, batch_size=cfg.eval_batch_size, buckets=ctx.buckets, threshold=threshold)
-      rows.append({'name': f'{arch}_{method}', 'method': method, 'student': arch, 'params': count_params(params),
-                   'examples_per_sec': examples_per_sec(ctx, [timed_model(ctx, model, params,
-                                                                          ctx.student_tokenizer_dir(arch))]),
-                   'threshold': threshold,
-                   'combine_weights': np.asarray(combination_weights(model, params)).tolist(),
-                   'metrics': {k: v for k, v in result.items() if '/' not in k},
-                   'head_metrics': {k: v for k, v in result.items() if '/' in k}})
+      tokenizer_dir = ctx.student_tokenizer_dir(arch)
+      dev = predict(ctx, model, params, ctx.encoded(tokenizer_dir, 'dev')) if 'dev' in ctx.examples else None
+      out = predict(ctx, model, params, ctx.encoded(tokenizer_dir, 'eval'))
+      row = _row(ctx, f'{arch}_{method}', train.softmax(out['logits']),
+                 None if dev is None else train.softmax(dev['logits']), saved, method=method, student=arch,
+                 params=count_params(params),
+                 examples_per_sec=examples_per_sec(ctx, [timed_model(ctx, model, params, tokenizer_dir)]),
+                 combine_weights=np.asarray(combination_weights(model, params)).tolist())
+      saved_model.update_spec(directory, threshold=row['threshold'])
+      heads = train.scores(out, ctx.examples['eval'], ctx.metrics, threshold=row['threshold'])
+      row['head_metrics'] = {k: v for k, v in heads.items() if '/' in k}
+      rows.append(row)
+  np.savez(out_dir / 'probabilities.npz', **{f'{d}/ids': ctx.examples[d].ids for d in ('eval', 'dev')
+                                            if d in ctx.examples}, **saved)
   (out_dir / 'rows.json').write_text(json.dumps({'provenance': provenance.record(), 'rows': rows}, indent=1))
 
 

@@ -50,6 +50,20 @@ def test_results_json_content_with_every_method(ci_tiny_run):
   assert 'bert1_tmkd' in table and 'speedup' in table and provenance['cpu_model'] in table
 
 
+def test_probabilities_by_row_reproduce_the_metrics(ci_tiny_run):
+  """eval/probabilities.npz holds every model's scores by row key; they give the reported metrics."""
+  from mkdm_jax import data, metrics
+  workdir, _ = ci_tiny_run
+  saved = np.load(workdir / 'eval' / 'probabilities.npz')
+  test = data.load_split('wikiqa', 'test', max_rows=150)
+  assert saved['eval/ids'].tolist() == test.ids.tolist()
+  for row in results_of(workdir)['rows']:
+    probs = saved[f'eval/{row["name"]}']
+    expected = metrics.compute(['map', 'mrr'], test.labels, probs, test.groups)
+    assert expected == pytest.approx({k: row['metrics'][k] for k in ('map', 'mrr')}, abs=1e-9), row['name']
+    assert set(row['dev_metrics']) == WIKIQA_METRICS and f'dev/{row["name"]}' in saved.files
+
+
 def test_saved_students_are_what_the_methods_say(ci_tiny_run):
   workdir, _ = ci_tiny_run
   for arch in ('bert1', 'bilstm'):
