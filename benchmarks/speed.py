@@ -1,4 +1,5 @@
-"""Speed benchmarks: student vs teacher, JAX vs PyTorch, distance to the matmul peak, KD step costs.
+"""Speed benchmarks: student vs teacher, JAX vs PyTorch, distance to the matmul peak, KD step costs;
+the same for MPNet-base (vs transformers' MPNet, and its mpnet3 student).
 
   python benchmarks/speed.py --out=/tmp/bench/speed.json
 
@@ -16,6 +17,7 @@ import os
 import pathlib
 import platform
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -34,7 +36,6 @@ from mkdm_jax.allocator import keep_freed_memory  # noqa: E402
 from mkdm_jax.data import batching  # noqa: E402
 from mkdm_jax import models, provenance  # noqa: E402
 from mkdm_jax.models import cpu_attention, factory  # noqa: E402
-from mkdm_jax.models.hf_files import encoder_params_to_hf_state  # noqa: E402
 from mkdm_jax.train import optim  # noqa: E402
 from mkdm_jax.train import step as step_lib  # noqa: E402
 
@@ -56,8 +57,13 @@ flags.DEFINE_integer('kd_length', 64, 'Sequence length of the multi-teacher step
 flags.DEFINE_integer('bucket_rows', 384, 'WikiQA train rows in each end-to-end bucketing pass.')
 flags.DEFINE_integer('gemm_size', 3000, 'N of the N x N x N fp32 GEMM that measures the matmul peak '
                      '(not a power of two: 2048 ran 25-30% slower here, cache-set conflicts).')
+flags.DEFINE_integer('mpnet_length', 64, 'Sequence length of the MPNet-base vs PyTorch comparison (its batch is '
+                     '--compare_batch; the WikiQA pairs are 39 tokens long on average).')
+flags.DEFINE_integer('mpnet_repeats', 5, 'Timed rounds of the MPNet-base vs PyTorch comparison and of mpnet3 vs '
+                     'MPNet-base inference (its rounds are long).')
 flags.DEFINE_integer('torch_threads', 2, 'PyTorch intra-op threads.')
-flags.DEFINE_enum('torch_attention', 'sdpa', ['sdpa', 'eager'], "transformers' attention implementation.")
+flags.DEFINE_enum('torch_attention', 'sdpa', ['sdpa', 'eager'], "transformers' attention implementation "
+                  '(where the model has it: MPNet is eager only).')
 flags.DEFINE_string('data_dir', None, 'Data folder (default: as the pipeline resolves it).')
 flags.DEFINE_enum('malloc', 'keep', ['keep', 'default'],
                   "glibc malloc policy, set before either framework allocates: 'keep' "
@@ -69,6 +75,10 @@ NUM_CLASSES = 2
 ALPHA, TEMPERATURE = 0.5, 2.0
 BUCKETS = (32, 64, 128)
 STEP_KEYS = ('input_ids', 'token_type_ids', 'attention_mask', 'labels', 'weight', 'teacher_logits')
+HEADLINE = ('jax_vs_torch_forward_ratio', 'jax_vs_torch_train_ratio', 'forward_mfu', 'train_mfu',
+            'multi_teacher_cost_ratio', 'bucketing_speedup', 'mpnet_vs_torch_forward_ratio',
+            'mpnet_vs_torch_train_ratio', 'mpnet_forward_mfu', 'mpnet_train_mfu', 'mpnet3_speedup',
+            'mpnet3_flop_ratio')
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -108,8 +118,8 @@ def pair_ratio(numerator, denominator):
 # FLOPs (matmul FLOPs, 2 per multiply-add; embeddings, norms, softmax and the tiny heads excluded).
 
 def model_flops(config, batch, length):
-  """Forward FLOPs of one [batch, length] input."""
-  if isinstance(config, models.BertConfig):
+  """Forward FLOPs of one [batch, length] input (MPNet's relative-position bias is an addition)."""
+  if isinstance(config, (models.BertConfig, models.MPNetConfig)):
     d, f = config.hidden_size, config.intermediate_size
     per_layer = 2 * length * (4 * d * d + 2 * d * f) + 4 * length * length * d  # projections + attention
     return batch * (config.num_layers * per_layer + 2 * d * d)  # + pooler
@@ -140,6 +150,12 @@ def padding_stats(batch_list):
 # ---------------------------------------------------------------------------------------------------
 # Models and data.
 
+def entry(built):
+  """(encoder config, params on the device) of a factory-built (model, params)."""
+  model, params = built
+  return model.encoder, jax.tree.map(jnp.asarray, params)
+
+
 def build_models(quick):
   """name -> (encoder config, params of a 2-class Classifier): the pipeline's teacher and students,
   built by the pipeline's own model factory."""
@@ -149,11 +165,6 @@ def build_models(quick):
   else:
     options, checkpoint, cut = factory.ModelOptions(bilstm_hidden=256), 'minilm-l6', 3
     big_shape = {'base': (12, 768, 12, 3072), 'large': (24, 1024, 16, 4096), 'none': None}[FLAGS.big_teacher]
-
-  def entry(built):
-    model, params = built
-    return model.encoder, jax.tree.map(jnp.asarray, params)
-
   out = {'minilm_l6': entry(factory.teacher(checkpoint, NUM_CLASSES, 0, options)),
          f'bert{cut}': entry(factory.student(f'bert{cut}', checkpoint, NUM_CLASSES, 1, 0, options)),
          'bilstm': entry(factory.student('bilstm', checkpoint, NUM_CLASSES, 1, 0, options))}
@@ -163,9 +174,23 @@ def build_models(quick):
   return out
 
 
-def load_wikiqa(max_length, rows=None):
-  """Encoded WikiQA train rows (the first `rows`, or all) and the tokenizer."""
-  tokenizer = models.load_tokenizer(models.resolve_checkpoint('minilm-l6'))
+def build_mpnet(quick):
+  """{'mpnet_base': MPNet-base, 'mpnet3': its bottom 3 layers} as `build_models`; --quick: a random
+  4-layer MPNet of hidden size 32 and its 3-layer student."""
+  if quick:
+    options, checkpoint = factory.ModelOptions(random_shape=(4, 32, 2, 64)), 'random'
+    model = models.Classifier(factory.random_config(options, 'mpnet'), NUM_CLASSES)
+    teacher = model, factory.init_params(model, 0)
+  else:
+    options, checkpoint = factory.ModelOptions(), 'mpnet-base'
+    teacher = factory.teacher(checkpoint, NUM_CLASSES, 0, options)
+  return {'mpnet_base': entry(teacher),
+          'mpnet3': entry(factory.student('mpnet3', checkpoint, NUM_CLASSES, 1, 0, options))}
+
+
+def load_wikiqa(max_length, rows=None, checkpoint='minilm-l6'):
+  """WikiQA train rows (the first `rows`, or all) encoded by `checkpoint`'s tokenizer."""
+  tokenizer = models.load_tokenizer(models.resolve_checkpoint(checkpoint))
   examples = data_lib.load_split('wikiqa', 'train', FLAGS.data_dir)
   if rows is not None:
     examples = examples.select(np.arange(min(rows, len(examples))))
@@ -289,20 +314,22 @@ def inference(model_zoo, encoded, batch_sizes, repeats, big_repeats, teacher, pa
 # 2 + 3. JAX vs PyTorch, and model FLOPs utilisation against the GEMM peak.
 
 def torch_model(cfg, params):
-  """transformers' BertForSequenceClassification holding the same weights and head."""
+  """transformers' {Bert,MPNet}ForSequenceClassification holding the same weights and head (as
+  `export_hf` writes them), and the attention implementation it runs."""
+  import safetensors.numpy
   import torch
   import transformers
-  hf = {k: v for k, v in cfg.to_hf_dict().items() if k != 'model_type'}
-  config = transformers.BertConfig(**hf, num_labels=NUM_CLASSES)
-  config._attn_implementation = FLAGS.torch_attention
-  model = transformers.BertForSequenceClassification(config)
-  state = encoder_params_to_hf_state(params['encoder'], cfg)
-  state['classifier.weight'] = np.ascontiguousarray(np.asarray(params['heads']['kernel'][0]).T)
-  state['classifier.bias'] = np.asarray(params['heads']['bias'][0])
+  with tempfile.TemporaryDirectory() as tmp:
+    models.export_hf(tmp, models.Classifier(cfg, NUM_CLASSES), params)
+    config = transformers.AutoConfig.from_pretrained(tmp)
+    state = safetensors.numpy.load_file(f'{tmp}/model.safetensors')
+  architecture = getattr(transformers, config.architectures[0])
+  config._attn_implementation = FLAGS.torch_attention if architecture._supports_sdpa else 'eager'
+  model = architecture(config)
   missing, unexpected = model.load_state_dict({k: torch.tensor(v) for k, v in state.items()}, strict=False)
   if unexpected or any(not k.endswith('position_ids') for k in missing):
     raise RuntimeError(f'torch weights: missing {missing}, unexpected {unexpected}')
-  return model
+  return model, config._attn_implementation
 
 
 def torch_kd_loss(logits, teacher_logits, labels):
@@ -337,7 +364,11 @@ def torch_train_step(model):
 
 
 def jax_vs_torch(cfg, params, batch, repeats, gemm_size):
-  """Forward and train-step examples/s of both frameworks on one batch, plus the GEMM peak and MFU."""
+  """Forward and train-step examples/s of both frameworks on one batch, plus the GEMM peak and MFU.
+
+  `cfg` is a BERT (transformers' BertForSequenceClassification) or MPNet config (MPNetForSequenceClassification:
+  dense + tanh + out_proj on the first token, i.e. our pooler and head; no token types).
+  """
   import torch
   torch.set_num_threads(FLAGS.torch_threads)
   torch.manual_seed(0)
@@ -347,9 +378,9 @@ def jax_vs_torch(cfg, params, batch, repeats, gemm_size):
   eval_step = jax.jit(step_lib.make_eval_step(model))
   jax_train = Stepper(model, params, step_lib.LossConfig(teacher_mode='ensemble', alpha=ALPHA,
                                                          temperature=TEMPERATURE))
-  tmodel = torch_model(cfg, params)
-  inputs = {k: torch.tensor(np.asarray(jbatch[k]), dtype=torch.long)
-            for k in ('input_ids', 'token_type_ids', 'attention_mask')}
+  tmodel, torch_attention = torch_model(cfg, params)
+  names = ('input_ids', 'attention_mask') + (('token_type_ids',) if isinstance(cfg, models.BertConfig) else ())
+  inputs = {k: torch.tensor(np.asarray(jbatch[k]), dtype=torch.long) for k in names}
   teacher_logits = torch.tensor(np.asarray(jbatch['teacher_logits']))
   labels = torch.tensor(np.asarray(jbatch['labels']), dtype=torch.long)
   tstep = torch_train_step(tmodel)
@@ -380,7 +411,7 @@ def jax_vs_torch(cfg, params, batch, repeats, gemm_size):
   train_rate = 3 * fwd_flops / np.asarray(times['jax_train'])
   ex = lambda name: bs / median(times[name])
   return {
-      'batch_size': bs, 'length': length, 'torch_attention': FLAGS.torch_attention,
+      'batch_size': bs, 'length': length, 'torch_attention': torch_attention,
       'torch_threads': FLAGS.torch_threads, 'logits_max_abs_diff': parity,
       'jax_forward_examples_per_s': ex('jax_forward'), 'torch_forward_examples_per_s': ex('torch_forward'),
       'jax_train_examples_per_s': ex('jax_train'), 'torch_train_examples_per_s': ex('torch_train'),
@@ -469,6 +500,23 @@ def bucketing(student, encoded, all_train, batch_size, repeats):
 
 
 # ---------------------------------------------------------------------------------------------------
+# 6. MPNet-base: against PyTorch, its MFU, and its mpnet3 student.
+
+def mpnet(quick, length, compare_length, rows, batch_size, repeats, gemm_size):
+  """Sections 1-3 for MPNet-base: its forward and KD train step against transformers' MPNet on one
+  [batch_size, compare_length] batch (with the GEMM peak, alternately), and the inference speedup of
+  its bottom 3 layers (mpnet3) at batch_size on the first `rows` WikiQA rows, as `inference` measures it."""
+  zoo = build_mpnet(quick)
+  checkpoint = 'minilm-l6' if quick else 'mpnet-base'  # the tokenizer: the random MPNet takes BERT ids
+  results, by_batch, padding = inference(zoo, load_wikiqa(length, rows, checkpoint), [batch_size], repeats, 0,
+                                         'mpnet_base', {'mpnet3': ('mpnet3', 'mpnet_base')})
+  compare = next(data_lib.batches(load_wikiqa(compare_length, batch_size, checkpoint), batch_size, seed=0,
+                                  epoch=0, buckets=(compare_length,)))
+  return {'inference': results, 'inference_padding': padding, 'student_speedup': by_batch[str(batch_size)],
+          'jax_vs_torch': jax_vs_torch(*zoo['mpnet_base'], compare, repeats, gemm_size)}
+
+
+# ---------------------------------------------------------------------------------------------------
 
 def machine_info():
   import torch
@@ -533,21 +581,29 @@ def main(argv):
   result['bucketing'] = bucketing(zoo[student_names[0]], train_slice.select(np.arange(bucket_rows)),
                                   all_train, kd_bs, repeats)
 
-  comparison = result['jax_vs_torch']
+  print(f'[{time.time() - started:.0f} s] ' + '6. MPNet-base: vs PyTorch, MFU, mpnet3', flush=True)
+  result['mpnet'] = mpnet(quick, length, length if quick else FLAGS.mpnet_length, rows, compare_batch,
+                          1 if quick else FLAGS.mpnet_repeats, gemm_size)
+
+  comparison, mpnet_comparison = result['jax_vs_torch'], result['mpnet']['jax_vs_torch']
+  mpnet3 = result['mpnet']['student_speedup']['mpnet3']
   result.update({
       'jax_vs_torch_forward_ratio': comparison['forward_ratio'],
       'jax_vs_torch_train_ratio': comparison['train_ratio'],
       'forward_mfu': comparison['forward_mfu'], 'train_mfu': comparison['train_mfu'],
       'multi_teacher_cost_ratio': result['multi_teacher']['cached_3_over_cached_1'],
       'bucketing_speedup': result['bucketing']['speedup'],
+      'mpnet_vs_torch_forward_ratio': mpnet_comparison['forward_ratio'],
+      'mpnet_vs_torch_train_ratio': mpnet_comparison['train_ratio'],
+      'mpnet_forward_mfu': mpnet_comparison['forward_mfu'], 'mpnet_train_mfu': mpnet_comparison['train_mfu'],
+      'mpnet3_speedup': mpnet3['measured'], 'mpnet3_flop_ratio': mpnet3['flop_ratio'],
   })
   result['machine']['load_average_end'] = os.getloadavg()
   result['wall_seconds'] = time.time() - started
   out = pathlib.Path(FLAGS.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(result, indent=2, default=str))
-  for key in ('jax_vs_torch_forward_ratio', 'jax_vs_torch_train_ratio', 'forward_mfu', 'train_mfu',
-              'multi_teacher_cost_ratio', 'bucketing_speedup'):
+  for key in HEADLINE:
     print(f'{key}: {result[key]:.3f}')
   for name, s in result['student_speedup'].items():
     print(f'student_speedup {name}: measured {s["measured"]:.2f}, flop ratio {s["flop_ratio"]:.2f}')

@@ -11,7 +11,9 @@ import pytest
 
 SPEED = Path(__file__).resolve().parents[1] / 'benchmarks' / 'speed.py'
 HEADLINE = ('jax_vs_torch_forward_ratio', 'jax_vs_torch_train_ratio', 'forward_mfu', 'train_mfu',
-            'multi_teacher_cost_ratio', 'bucketing_speedup')
+            'multi_teacher_cost_ratio', 'bucketing_speedup', 'mpnet_vs_torch_forward_ratio',
+            'mpnet_vs_torch_train_ratio', 'mpnet_forward_mfu', 'mpnet_train_mfu', 'mpnet3_speedup',
+            'mpnet3_flop_ratio')
 
 
 def positive(x):
@@ -49,5 +51,9 @@ def test_speed_quick(tmp_path):
       compare['forward_executed_gflop'] / compare['forward_gflop'])
   for kind, stats in result['inference_padding']['4'].items():
     assert 0 < stats['real_token_fraction'] <= stats['longest_row_fraction'] <= 1, (kind, stats)
+  mpnet = result['mpnet']
+  assert mpnet['jax_vs_torch']['logits_max_abs_diff'] < 1e-4  # transformers' MPNet holds the same weights
+  assert mpnet['jax_vs_torch']['torch_attention'] == 'eager'  # its only implementation
+  assert result['mpnet3_flop_ratio'] > 1 and set(mpnet['student_speedup']) == {'mpnet3'}
   padded = result['bucketing']['all_train_padded_tokens']
   assert padded['fixed'] >= padded['bucketed'] >= padded['real'] > 0

@@ -1,4 +1,4 @@
-"""Tests for the fused CPU attention kernel (mkdm_jax/models/cpu_attention.*) and its use in BERT.
+"""Tests for the fused CPU attention kernel (mkdm_jax/models/cpu_attention.*) and its use in BERT and MPNet.
 
 The kernel must build on the CI machine (it has g++): an unavailable kernel fails these tests.
 """
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mkdm_jax.models import BertConfig, Classifier, cpu_attention
+from mkdm_jax.models import BertConfig, Classifier, MPNetEncoder, cpu_attention, factory
 
 # The bound stated with COMPILE_FLAGS in cpu_attention.py (measured at most 2.6e-6 with -ffast-math).
 MAX_ABS_ERROR = 5e-6
@@ -30,45 +30,59 @@ def inputs(seed, batch, length, heads, dim, lengths=None):
   return q, k, v, keep
 
 
+def random_bias(seed, heads, length, scale=2.0):
+  """A score bias [heads, L, L] of MPNet's kind (one per head and query-key pair), larger than MPNet's."""
+  return jnp.asarray(np.random.default_rng(seed).normal(0, scale, (heads, length, length)).astype(np.float32))
+
+
+@pytest.mark.parametrize('biased', [False, True], ids=['plain', 'bias'])
 @pytest.mark.parametrize('q_scale', [1.0, 4.0])
 @pytest.mark.parametrize('batch,length,heads,dim', [(3, 37, 2, 8), (16, 128, 12, 32), (2, 20, 1, 64),
-                                                    (1, 1, 3, 16)])
-def test_kernel_matches_reference(batch, length, heads, dim, q_scale):
+                                                    (1, 1, 3, 16), (4, 50, 12, 64)])
+def test_kernel_matches_reference(batch, length, heads, dim, q_scale, biased):
   assert cpu_attention.available()
   q, k, v, keep = inputs(batch * length, batch, length, heads, dim)
   q = q * q_scale  # sharper softmax rows
-  keep[0, length // 2] = 0.0  # a hole inside the kept keys, not only trailing padding
+  keep[0, length // 2] = 0.0  # a hole inside the kept keys (the kernel gathers their bias)
   if batch > 1:
     keep[1] = 0.0  # a row without keys: zero context
-  out = jax.jit(cpu_attention.attention)(q, k, v, keep)
-  ref = cpu_attention.reference(q, k, v, keep)
+  bias = random_bias(length, heads, length) if biased else None
+  out = jax.jit(cpu_attention.attention)(q, k, v, keep, bias)
+  ref = cpu_attention.reference(q, k, v, keep, bias)
   assert np.abs(np.asarray(out - ref)).max() <= MAX_ABS_ERROR
   if batch > 1:
     assert not np.asarray(out[1]).any()
 
 
 def test_reference_is_softmax_attention():
-  """The reference itself against a plain numpy softmax (no mask tricks)."""
+  """The reference itself against a plain numpy softmax (no mask tricks), without and with a bias."""
   q, k, v, keep = inputs(1, 2, 9, 2, 8, lengths=[9, 6])
   q, k, v = map(np.asarray, (q, k, v))
-  for b, n in enumerate((9, 6)):
-    for h in range(2):
-      s = q[b, :, h] @ k[b, :n, h].T
-      p = np.exp(s - s.max(-1, keepdims=True))
-      want = (p / p.sum(-1, keepdims=True)) @ v[b, :n, h]
-      np.testing.assert_allclose(cpu_attention.reference(q, k, v, keep)[b, :, h], want, rtol=1e-5, atol=1e-6)
+  for bias in (None, random_bias(1, 2, 9)):
+    for b, n in enumerate((9, 6)):
+      for h in range(2):
+        s = q[b, :, h] @ k[b, :n, h].T + (0 if bias is None else np.asarray(bias)[h, :, :n])
+        p = np.exp(s - s.max(-1, keepdims=True))
+        want = (p / p.sum(-1, keepdims=True)) @ v[b, :n, h]
+        np.testing.assert_allclose(cpu_attention.reference(q, k, v, keep, bias)[b, :, h], want, rtol=1e-5,
+                                   atol=1e-6)
 
 
-def test_gradient_and_vmap():
+@pytest.mark.parametrize('biased', [False, True], ids=['plain', 'bias'])
+def test_gradient_and_vmap(biased):
   q, k, v, keep = inputs(2, 2, 12, 2, 8)
-  loss = lambda f: (lambda *a: (f(*a, keep) ** 2).sum())
-  got = jax.grad(loss(cpu_attention.attention), argnums=(0, 1, 2))(q, k, v)
-  want = jax.grad(loss(cpu_attention.reference), argnums=(0, 1, 2))(q, k, v)
-  for g, w in zip(got, want):
+  args = (q, k, v, random_bias(2, 2, 12)) if biased else (q, k, v)
+  loss = lambda f: (lambda q, k, v, *bias: (f(q, k, v, keep, *bias) ** 2).sum())
+  argnums = tuple(range(len(args)))
+  got = jax.grad(loss(cpu_attention.attention), argnums)(*args)
+  want = jax.grad(loss(cpu_attention.reference), argnums)(*args)
+  for g, w in zip(got, want, strict=True):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
   stacked = [jnp.stack([t, t[::-1]]) for t in (q, k, v, jnp.asarray(keep))]
-  np.testing.assert_allclose(jax.vmap(cpu_attention.attention)(*stacked),
-                             jax.vmap(cpu_attention.reference)(*stacked), rtol=1e-5, atol=1e-5)
+  in_axes = (0, 0, 0, 0, None)[:len(args) + 1]  # the bias is shared, not mapped
+  np.testing.assert_allclose(jax.vmap(cpu_attention.attention, in_axes)(*stacked, *args[3:]),
+                             jax.vmap(cpu_attention.reference, in_axes)(*stacked, *args[3:]), rtol=1e-5,
+                             atol=1e-5)
 
 
 def encoder_batch(seed):
@@ -90,6 +104,25 @@ def test_bert_inference_uses_kernel_and_matches_einsum_path(monkeypatch):
   retraced = jax.jit(lambda *a: forward(*a))  # a new function: jit would reuse the first trace
   assert cpu_attention.TARGET not in retraced.lower(params, *batch).as_text()
   np.testing.assert_allclose(with_kernel, retraced(params, *batch), rtol=1e-5, atol=1e-5)
+
+
+def test_mpnet_base_inference_uses_kernel_and_matches_einsum_path(monkeypatch):
+  """The real MPNet-base (relative-position bias on every layer): kernel and einsum path agree."""
+  model, params = factory.teacher('mpnet-base', 2, 0, factory.ModelOptions())
+  encoder = MPNetEncoder(model.encoder)
+  rng = np.random.default_rng(0)
+  mask = (np.arange(24)[None] < np.array([24, 17, 9])[:, None]).astype(np.int32)
+  ids = np.where(mask, rng.integers(5, model.encoder.vocab_size, mask.shape), 1).astype(np.int32)
+  batch = (ids, np.zeros_like(ids), mask)
+  forward = lambda p, *b: encoder.apply({'params': p}, *b)
+  assert cpu_attention.BIAS_TARGET in jax.jit(forward).lower(params['encoder'], *batch).as_text()
+  with_kernel = jax.jit(forward)(params['encoder'], *batch)
+  monkeypatch.setattr(cpu_attention, 'available', lambda: False)
+  retraced = jax.jit(lambda *a: forward(*a))
+  assert cpu_attention.TARGET not in retraced.lower(params['encoder'], *batch).as_text()
+  einsum = retraced(params['encoder'], *batch)
+  for key in ('sequence', 'pooled'):
+    assert np.abs(np.asarray(with_kernel[key]) - np.asarray(einsum[key])).max() <= 1e-5, key
 
 
 def test_training_forward_does_not_use_kernel():

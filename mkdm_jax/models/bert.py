@@ -181,9 +181,9 @@ class BertSelfAttention(nn.Module):
   autodiff, stacking the per-chunk residuals cost as much as the chunking saved. The returned probabilities are
   computed separately, so XLA drops them unless a caller uses them.
 
-  `bias` ([1, heads, L, L] fp32, e.g. MPNet's relative-position bias) is added to the scores; the kernel
-  takes none, so biased attention always runs the einsum path (padded keys then score their bias, not 0,
-  which only moves the row maximum).
+  `bias` ([heads, L, L] fp32 shared by the batch, e.g. MPNet's relative-position bias) is added to the
+  scores, by the kernel too; on the einsum path padded keys then score their bias, not 0, which only
+  moves the row maximum.
   """
   config: BertConfig
   dtype: Any = jnp.float32
@@ -201,8 +201,8 @@ class BertSelfAttention(nn.Module):
     add_bias = lambda scores: scores if bias is None else scores + bias
     scores = add_bias(jnp.einsum('bhqd,bhkd->bhqk', split(q_dense), split(k_dense)).astype(jnp.float32))
     probs = nn.softmax(jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min), axis=-1)
-    if deterministic and bias is None and cpu_attention.applies(self.dtype, d // h):
-      ctx = cpu_attention.attention(heads(q_dense), heads(k_dense), heads(v_dense), keep)
+    if deterministic and cpu_attention.applies(self.dtype, d // h):
+      ctx = cpu_attention.attention(heads(q_dense), heads(k_dense), heads(v_dense), keep, bias)
       return _dense(d, self.dtype, 'output')(ctx.reshape(b * l, d)), probs
     q, k, v = split(q_dense), split(k_dense * keep.reshape(b * l, 1).astype(self.dtype)), split(v_dense)
     seed = dropout_seed(self, cfg.attention_dropout, deterministic)

@@ -6,8 +6,10 @@
 // at a time), padded keys are skipped (they contribute exact zeros), and q, k, v and the context
 // keep the token-major [B, L, heads, d] layout of the dense layers (no transposes).
 //
-// ctx[b, i, h, :] = sum_j softmax_j(q[b, i, h, :] . k[b, j, h, :] over kept j) v[b, j, h, :];
-// a query whose row has no kept key gets a zero context (as the einsum path in bert.py).
+// ctx[b, i, h, :] = sum_j softmax_j(q[b, i, h, :] . k[b, j, h, :] + bias[h, i, j] over kept j) v[b, j, h, :];
+// a query whose row has no kept key gets a zero context (as the einsum path in bert.py). Two entry
+// points share the code: MkdmAttention (no bias: BERT) and MkdmAttentionBias (an fp32 score bias
+// [heads, L, L] shared by the batch: MPNet's relative positions).
 
 #include <algorithm>
 #include <atomic>
@@ -41,18 +43,20 @@ struct Problem {
   const float* k;
   const float* v;
   const float* keep;
+  const float* bias;  // [heads, L, L], or nullptr
   float* out;
   int64_t batch, length, heads, dim;
 };
 
 // Work space of one thread: kept keys as rows [cols][dim] and transposed [dim][cols], kept values
-// [cols][dim], a block of scores [kRows][cols].
+// [cols][dim], a block of scores [kRows][cols], the kept key positions.
 struct Scratch {
   explicit Scratch(const Problem& p)
       : cols(((p.length + 15) / 16) * 16),
-        kt(p.dim * cols), kr(cols * p.dim), vk(cols * p.dim), s(kRows * cols) {}
+        kt(p.dim * cols), kr(cols * p.dim), vk(cols * p.dim), s(kRows * cols), kept(cols) {}
   int64_t cols;
   std::vector<float> kt, kr, vk, s;
+  std::vector<int64_t> kept;
 };
 
 // Scores of R query rows against n16 (a multiple of 16) transposed keys: 2 x R accumulators stay in
@@ -107,14 +111,26 @@ void Context(const float* p, int64_t n, int64_t n16, const float* vk, int64_t di
   }
 }
 
-// Softmax numerators of R score rows in place (padding columns n..n16 become 0); returns 1/sum.
+// Adds a query's bias row to its n kept scores: contiguous when the kept keys are a prefix (right
+// padding: cols is null), else gathered at the kept positions cols.
+void AddBias(float* row, const float* bias, const int64_t* cols, int64_t n) {
+  if (cols == nullptr) {
+    for (int64_t j = 0; j < n; ++j) row[j] += bias[j];
+  } else {
+    for (int64_t j = 0; j < n; ++j) row[j] += bias[cols[j]];
+  }
+}
+
+// Context of R query rows: scores (plus their bias rows brow, if any), softmax over the n kept
+// columns (padding columns n..n16 become 0), times the kept values.
 template <int R>
-void Block(const float* const* qrow, float* const* orow, const Scratch& w, int64_t n, int64_t n16,
-           int64_t dim, float* s) {
+void Block(const float* const* qrow, const float* const* brow, const int64_t* cols, float* const* orow,
+           const Scratch& w, int64_t n, int64_t n16, int64_t dim, float* s) {
   float scale[R];
   Scores<R>(qrow, w.kt.data(), n16, dim, s);
   for (int r = 0; r < R; ++r) {
     float* row = s + r * n16;
+    if (brow != nullptr) AddBias(row, brow[r], cols, n);
     for (int64_t j = n; j < n16; ++j) row[j] = kMasked;
     float m = row[0];
     for (int64_t j = 1; j < n; ++j) m = std::max(m, row[j]);
@@ -135,6 +151,7 @@ void Item(const Problem& p, int64_t item, Scratch& w) {
   const float* base_k = p.k + b * L * stride + h * D;
   const float* base_v = p.v + b * L * stride + h * D;
   float* base_o = p.out + b * L * stride + h * D;
+  const float* base_b = p.bias == nullptr ? nullptr : p.bias + h * L * L;
   int64_t n = 0;
   for (int64_t j = 0; j < L; ++j) n += p.keep[b * L + j] != 0.0f;
   if (n == 0) {
@@ -147,25 +164,29 @@ void Item(const Problem& p, int64_t item, Scratch& w) {
     if (p.keep[b * L + j] == 0.0f) continue;
     std::memcpy(w.kr.data() + col * D, base_k + j * stride, D * sizeof(float));
     std::memcpy(w.vk.data() + col * D, base_v + j * stride, D * sizeof(float));
-    ++col;
+    w.kept[col++] = j;
   }
+  const int64_t* cols = w.kept[n - 1] == n - 1 ? nullptr : w.kept.data();
   // Transposed from the contiguous copy: strided loads straight from k stalled on every element.
   for (int64_t c = 0; c < D; ++c) {
     for (int64_t j = 0; j < n; ++j) w.kt[c * n16 + j] = w.kr[j * D + c];
   }
   const float* qrow[kRows];
+  const float* brow_data[kRows];
+  const float* const* brow = base_b == nullptr ? nullptr : brow_data;
   float* orow[kRows];
   for (int64_t i0 = 0; i0 < L; i0 += kRows) {
     const int rows = static_cast<int>(std::min<int64_t>(kRows, L - i0));
     for (int r = 0; r < rows; ++r) {
       qrow[r] = base_q + (i0 + r) * stride;
       orow[r] = base_o + (i0 + r) * stride;
+      if (brow != nullptr) brow_data[r] = base_b + (i0 + r) * L;
     }
     switch (rows) {
-      case 4: Block<4>(qrow, orow, w, n, n16, D, w.s.data()); break;
-      case 3: Block<3>(qrow, orow, w, n, n16, D, w.s.data()); break;
-      case 2: Block<2>(qrow, orow, w, n, n16, D, w.s.data()); break;
-      default: Block<1>(qrow, orow, w, n, n16, D, w.s.data());
+      case 4: Block<4>(qrow, brow, cols, orow, w, n, n16, D, w.s.data()); break;
+      case 3: Block<3>(qrow, brow, cols, orow, w, n, n16, D, w.s.data()); break;
+      case 2: Block<2>(qrow, brow, cols, orow, w, n, n16, D, w.s.data()); break;
+      default: Block<1>(qrow, brow, cols, orow, w, n, n16, D, w.s.data());
     }
   }
 }
@@ -188,15 +209,16 @@ void Drain(Shared& sh) {
   }
 }
 
-ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> keep,
-                     ffi::ResultBuffer<ffi::F32> out) {
+// Both entry points: bias is null or [heads, L, L].
+ffi::Error Run(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+               ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> keep, const float* bias,
+               ffi::ResultBuffer<ffi::F32> out) {
   const auto dims = q.dimensions();
   if (dims.size() != 4 || dims[3] % 8 != 0) {
     return ffi::Error::InvalidArgument("mkdm_attention: q must be [batch, length, heads, d], d % 8 == 0");
   }
   auto sh = std::make_shared<Shared>();
-  sh->problem = {q.typed_data(), k.typed_data(), v.typed_data(), keep.typed_data(),
+  sh->problem = {q.typed_data(), k.typed_data(), v.typed_data(), keep.typed_data(), bias,
                  out->typed_data(), dims[0], dims[1], dims[2], dims[3]};
   sh->items = dims[0] * dims[2];
   // The caller drains too, so it never waits on a task that has not started (no deadlock when
@@ -208,11 +230,37 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<
   return ffi::Error::Success();
 }
 
+ffi::Error Attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> keep,
+                     ffi::ResultBuffer<ffi::F32> out) {
+  return Run(pool, q, k, v, keep, nullptr, out);
+}
+
+ffi::Error BiasedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> keep,
+                           ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out) {
+  const auto dims = q.dimensions(), b = bias.dimensions();
+  if (dims.size() == 4 && (b.size() != 3 || b[0] != dims[2] || b[1] != dims[1] || b[2] != dims[1])) {
+    return ffi::Error::InvalidArgument("mkdm_attention: bias must be [heads, length, length]");
+  }
+  return Run(pool, q, k, v, keep, bias.typed_data(), out);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MkdmAttention, Attention,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MkdmAttentionBias, BiasedAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -3,8 +3,9 @@
 XLA:CPU runs the batched score and context matmuls of attention on one core; the kernel threads
 (example, head) pairs over XLA's intra-op pool, keeps each pair's scores in cache and skips padded
 keys (BENCHMARKS.md: the MiniLM forward against PyTorch). `bert.BertSelfAttention` uses it at
-inference where `applies()` (CPU backend, fp32, head size a multiple of 8, kernel built); training
-and everything else use the einsum path.
+inference where `applies()` (CPU backend, fp32, head size a multiple of 8, kernel built), with MPNet's
+relative-position bias through a second entry point of the same source; training and everything else
+use the einsum path.
 
 It is compiled with the system C++ compiler ($CXX, default g++) for this CPU (-march=native) into
 $MKDM_CACHE_DIR (default ~/.cache/mkdm_jax), keyed by the source, flags, jax version and CPU.
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name('cpu_attention.cc')
 TARGET = 'mkdm_cpu_attention'
+BIAS_TARGET = 'mkdm_cpu_attention_bias'  # with a score bias [heads, L, L]
 # Fast math for the kernel's own code only: it vectorises the softmax's exp (libmvec) and its max/sum
 # reductions. Measured 2026-12-02 on a 2-core "Intel(R) Xeon(R) Processor" (lscpu; AVX-512), g++ 12.2,
 # against builds without it, fast/slow alternately: kernel 1.65-1.92x faster at batch 32, 12 heads of 32,
@@ -86,18 +88,21 @@ def available() -> bool:
     log.warning('fused CPU attention kernel unavailable, using the einsum path: %s', e)
     return False
   jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.MkdmAttention), platform='cpu')
+  jax.ffi.register_ffi_target(BIAS_TARGET, jax.ffi.pycapsule(library.MkdmAttentionBias), platform='cpu')
   return True
 
 
 def applies(dtype, head_size) -> bool:
-  """Whether BERT inference of this compute dtype and head size runs on the kernel here."""
+  """Whether BERT (or MPNet) inference of this compute dtype and head size runs on the kernel here."""
   return (jnp.dtype(dtype) == jnp.float32 and head_size % 8 == 0 and jax.default_backend() == 'cpu'
           and available())
 
 
-def reference(q, k, v, keep):
-  """The kernel's result in jnp: softmax over kept keys of q.k, times v; all-padded rows give 0."""
+def reference(q, k, v, keep, bias=None):
+  """The kernel's result in jnp: softmax over kept keys of q.k (+ bias), times v; all-padded rows give 0."""
   scores = jnp.einsum('bqhd,bkhd->bhqk', q, k)
+  if bias is not None:
+    scores = scores + bias
   scores = jnp.where(keep[:, None, None, :] > 0, scores, -jnp.inf)
   peak = jnp.max(scores, -1, keepdims=True)
   e = jnp.where(keep[:, None, None, :] > 0, jnp.exp(scores - jnp.where(jnp.isfinite(peak), peak, 0)), 0)
@@ -106,15 +111,16 @@ def reference(q, k, v, keep):
 
 
 @jax.custom_vjp
-def attention(q, k, v, keep):
-  """Attention context [B, L, heads, d] of q, k, v [B, L, heads, d] (fp32, q pre-scaled) and a
-  [B, L] fp32 key mask of 0/1. Call only where `available()`; gradients go through `reference`."""
-  return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
-                          vmap_method='sequential')(q, k, v, keep)
+def attention(q, k, v, keep, bias=None):
+  """Attention context [B, L, heads, d] of q, k, v [B, L, heads, d] (fp32, q pre-scaled), a [B, L]
+  fp32 key mask of 0/1 and an optional fp32 score bias [heads, L, L] shared by the batch. Call only
+  where `available()`; gradients go through `reference`."""
+  target, args = (TARGET, (q, k, v, keep)) if bias is None else (BIAS_TARGET, (q, k, v, keep, bias))
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method='sequential')(*args)
 
 
-def _forward(q, k, v, keep):
-  return attention(q, k, v, keep), (q, k, v, keep)
+def _forward(q, k, v, keep, bias):
+  return attention(q, k, v, keep, bias), (q, k, v, keep, bias)
 
 
 def _backward(residuals, g):

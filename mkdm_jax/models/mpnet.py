@@ -107,5 +107,5 @@ class MPNetEncoder(nn.Module):
     buckets = relative_position_buckets(input_ids.shape[1], cfg.relative_attention_num_buckets)
     bias = nn.Embed(cfg.relative_attention_num_buckets, cfg.num_attention_heads,
                     embedding_init=nn.initializers.normal(0.02), name='relative_attention_bias')(buckets)
-    bias = bias.transpose(2, 0, 1)[None].astype(jnp.float32)  # [1, heads, L, L], shared by every layer
+    bias = bias.transpose(2, 0, 1).astype(jnp.float32)  # [heads, L, L], shared by every example and layer
     return layers_and_pooler(cfg, self.dtype, x, attention_mask.astype(bool), deterministic, bias)
