@@ -12,7 +12,8 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from mkdm_jax.errors import UserError
-from mkdm_jax.models import BertConfig, BiLSTMConfig, Classifier
+from mkdm_jax.models import Classifier
+from mkdm_jax.models.classifier import ENCODERS, encoder_kind
 from mkdm_jax.models.hf_files import copy_tokenizer_files
 from mkdm_jax.train import load_params
 
@@ -30,7 +31,7 @@ def write_spec(directory, classifier: Classifier, *, tokenizer_dir, max_length, 
   copy_tokenizer_files(tokenizer_dir, directory / TOKENIZER_DIR)
   # dict(**a, **b) raises TypeError if an extra field would silently replace a core one.
   spec = dict(
-      encoder='bert' if isinstance(classifier.encoder, BertConfig) else 'bilstm',
+      encoder=encoder_kind(classifier.encoder),
       encoder_config=dataclasses.asdict(classifier.encoder),
       num_classes=classifier.num_classes, num_heads=classifier.num_heads, combine=classifier.combine,
       dtype=jnp.dtype(classifier.dtype).name, tokenizer_dir=TOKENIZER_DIR, max_length=max_length, task=task,
@@ -66,7 +67,11 @@ def read_spec(directory):
 
 
 def classifier_from_spec(spec):
-  config_cls = BertConfig if spec['encoder'] == 'bert' else BiLSTMConfig
+  """The Classifier a model.json describes (encoder kind: a key of `models.classifier.ENCODERS`)."""
+  if spec['encoder'] not in ENCODERS:
+    raise UserError(f"model.json: encoder {spec['encoder']!r} is unknown to this version; expected one of "
+                    f'{", ".join(ENCODERS)}')
+  config_cls = ENCODERS[spec['encoder']][0]
   return Classifier(config_cls(**spec['encoder_config']), num_classes=spec['num_classes'],
                     num_heads=spec['num_heads'], combine=spec['combine'],
                     dtype=jnp.dtype(spec.get('dtype', 'float32')))
