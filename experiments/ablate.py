@@ -18,12 +18,11 @@ Rerunning the same command resumes: run.py skips finished stages and resumes int
 import json
 import pathlib
 import re
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import runs  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from mkdm_jax import distill  # noqa: E402
@@ -31,7 +30,6 @@ from mkdm_jax.errors import UserError  # noqa: E402
 from mkdm_jax.metrics import METRICS  # noqa: E402
 from mkdm_jax.workdir import WorkdirLock, run_cli  # noqa: E402
 
-RUN_PY = pathlib.Path(__file__).with_name('run.py')
 RESERVED_FLAGS = ('workdir', 'shared_dir', 'flagfile')
 
 FLAGS = flags.FLAGS
@@ -64,17 +62,6 @@ def parse_sweeps(specs):
   return sweeps
 
 
-def parse_extra_flags(args):
-  """run.py flags given after `--`: each must be --name[=value] and not one that ablate.py sets."""
-  for arg in args:
-    name = arg[2:].split('=')[0] if arg.startswith('--') else None
-    if name is None:
-      raise UserError(f'unexpected argument {arg!r}: run.py flags after -- must start with --')
-    if name in RESERVED_FLAGS:
-      raise UserError(f'{arg}: --{name} is set by ablate.py itself')
-  return list(args)
-
-
 def variant_dir(root, flag, value):
   return root / f"{flag}={re.sub(r'[^A-Za-z0-9._+-]', '_', value)}"
 
@@ -83,32 +70,7 @@ def variant_command(base, extra, root, flag, value):
   """run.py command line of one variant; teacher-side flags keep teachers in the variant's own folder."""
   workdir = variant_dir(root, flag, value)
   shared = workdir if distill.changes_teachers(flag) else root / 'shared'
-  return [sys.executable, str(RUN_PY), f'--flagfile={base}', *extra, f'--{flag}={value}',
-          f'--workdir={workdir}', f'--shared_dir={shared}']
-
-
-def check_command(cmd, flag, value):
-  """Lets run.py's flag parser reject a bad flag name or value before anything is trained."""
-  proc = subprocess.run(cmd + ['--only_check_args'], capture_output=True, text=True)
-  if proc.returncode:
-    message = next((line for line in proc.stderr.splitlines() if line.strip()), f'exit {proc.returncode}')
-    raise UserError(f'variant {flag}={value}: run.py rejects its flags: {message}')
-
-
-def run_variant(cmd, workdir, label):
-  """Runs one variant with its output in <workdir>/run.log; UserError with run.py's last line on failure."""
-  workdir.mkdir(parents=True, exist_ok=True)
-  log_path = workdir / 'run.log'
-  print(f'{label}: running (log {log_path})', flush=True)
-  t0 = time.perf_counter()
-  with open(log_path, 'w') as log:
-    returncode = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
-  if returncode:
-    lines = [line for line in log_path.read_text().splitlines() if line.strip()]
-    raise UserError(f'{label} failed (exit {returncode}): {lines[-1] if lines else "no output"} '
-                    f'(full log: {log_path})')
-  print(f'{label}: done in {time.perf_counter() - t0:.0f} s', flush=True)
-  return json.loads((workdir / 'results.json').read_text())
+  return runs.command(base, extra, f'--{flag}={value}', f'--workdir={workdir}', f'--shared_dir={shared}')
 
 
 def summarise(flag, values, results, metric, root):
@@ -180,7 +142,7 @@ def plot(sweep, metric, path):
 
 
 def main(argv):
-  extra = parse_extra_flags(argv[1:])
+  extra = runs.parse_extra_flags(argv[1:], RESERVED_FLAGS, 'ablate.py')
   if FLAGS.metric is not None and FLAGS.metric not in METRICS:
     raise UserError(f'--metric={FLAGS.metric}: unknown; choose from {METRICS}')
   sweeps = parse_sweeps(FLAGS.sweep)
@@ -194,7 +156,7 @@ def main(argv):
   if len(set(names)) != len(names):
     raise UserError('two swept values map to the same variant folder; make them differ in letters or digits')
   for flag, value, cmd in plan:
-    check_command(cmd, flag, value)
+    runs.check_command(cmd, f'variant {flag}={value}')
   if FLAGS.dry_run:
     print('\n'.join(' '.join(cmd) for _, _, cmd in plan))
     return
@@ -203,7 +165,7 @@ def main(argv):
     results = {}
     for i, (flag, value, cmd) in enumerate(plan):
       label = f'[{i + 1}/{len(plan)}] {flag}={value}'
-      results[flag, value] = run_variant(cmd, variant_dir(root, flag, value), label)
+      results[flag, value] = runs.run_logged(cmd, variant_dir(root, flag, value), label)
     first = results[plan[0][0], plan[0][1]]
     metric = FLAGS.metric or first['primary_metric']
     report = {'base_flagfile': str(base), 'extra_flags': extra, 'metric': metric, 'task': first['task'],

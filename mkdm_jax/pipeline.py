@@ -421,16 +421,17 @@ def subsample_negatives(examples, per_positive, seed):
   return examples.select(np.sort(np.concatenate([positives, keep])))
 
 
+def load_split_rows(cfg: Config, split, max_rows=0):
+  """One split (a file path for tsv/jsonl tasks) read with the run's data settings."""
+  is_file = cfg.task in ('tsv', 'jsonl')
+  return data_lib.load_split(cfg.task, None if is_file else split, cfg.data_dir, path=split if is_file else None,
+                             skip_bad_rows=cfg.skip_bad_rows, max_rows=max_rows or None, text_a_col=cfg.text_a_col,
+                             text_b_col=cfg.text_b_col, label_col=cfg.label_col, group_col=cfg.group_col)
+
+
 def load_examples(cfg: Config, task):
   """The train, unlabelled, dev and eval rows."""
-  columns = dict(text_a_col=cfg.text_a_col, text_b_col=cfg.text_b_col, label_col=cfg.label_col,
-                 group_col=cfg.group_col)
-  is_file = cfg.task in ('tsv', 'jsonl')
-
-  def load(split, max_rows):
-    return data_lib.load_split(task, None if is_file else split, cfg.data_dir, path=split if is_file else None,
-                               skip_bad_rows=cfg.skip_bad_rows, max_rows=max_rows or None, **columns)
-
+  load = lambda split, max_rows: load_split_rows(cfg, split, max_rows)
   examples = {'train': load(cfg.train_split, cfg.max_train_rows), 'eval': load(cfg.eval_split, cfg.max_eval_rows)}
   if cfg.dev_split != 'none':
     examples['dev'] = load(cfg.dev_split, cfg.max_eval_rows)

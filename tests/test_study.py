@@ -1,0 +1,131 @@
+"""experiments/study.py end to end on ci_tiny (one student architecture, two teachers), as the user runs it."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import CI_TINY, REPO
+from mkdm_jax import stats
+
+STUDY = ['--', '--methods=student_scratch,kd_single,mkdm', '--students=bert1', '--num_teachers=2']
+TESTED = [('mkdm', 'kd_single'), ('mkdm', 'student_scratch'), ('kd_single', 'student_scratch')]
+
+
+def run_study(*args):
+  return subprocess.run([sys.executable, str(REPO / 'experiments' / 'study.py'), *args], capture_output=True,
+                        text=True, cwd=REPO, timeout=900, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+
+
+@pytest.fixture(scope='module')
+def study(tmp_path_factory, xla_cache):
+  """A one-seed study, then the same study extended to seeds 0,1 (as a later session would):
+  (root, the first study.json)."""
+  root = tmp_path_factory.mktemp('study')
+  common = [f'--base_flagfile={CI_TINY}', f'--workdir={root}', *STUDY, f'--compilation_cache_dir={xla_cache}']
+  for seeds in ('0', '0,1'):
+    proc = run_study(f'--seeds={seeds}', *common)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    if seeds == '0':
+      first = json.loads((root / 'study.json').read_text())
+  return root, first
+
+
+def results_of(root, seed):
+  return json.loads((root / f'seed_{seed}' / 'results.json').read_text())
+
+
+def test_study_json_holds_every_seeds_results_and_their_mean_and_std(study):
+  root, _ = study
+  report = json.loads((root / 'study.json').read_text())
+  assert report['seeds'] == [0, 1] and report['metric'] == 'map' and report['students'] == ['bert1']
+  assert report['provenance']['commit'] and report['config']['num_teachers'] == 2
+  results = [results_of(root, seed) for seed in (0, 1)]
+  for seed, record, res in zip((0, 1), report['per_seed'], results):
+    assert record['seed'] == seed and res['config']['student_seed'] == seed
+    assert res['config']['shared_dir'] == str(root / 'shared')
+    assert record['rows'] == [{k: r[k] for k in ('name', 'method', 'student', 'metrics', 'dev_metrics')}
+                              for r in res['rows']]
+  names = [r['name'] for r in results[0]['rows']]
+  assert names == ['teacher_0', 'teacher_1', 'teacher_ensemble', 'bert1_student_scratch', 'bert1_kd_single',
+                   'bert1_mkdm']
+  assert [s['name'] for s in report['summary']] == names
+  for summary, row0, row1 in zip(report['summary'], results[0]['rows'], results[1]['rows']):
+    assert summary['seeds'] == 2
+    for key in ('metrics', 'dev_metrics'):
+      assert set(summary[key]) == set(row0[key])
+      for metric, value in summary[key].items():
+        a, b = row0[key][metric], row1[key][metric]
+        assert value['mean'] == pytest.approx((a + b) / 2, abs=1e-12)
+        assert value['std'] == pytest.approx(abs(a - b) / np.sqrt(2), abs=1e-12)  # ddof=1 of two values
+        if summary['student'] is None:  # teachers are shared by the seeds
+          assert value['std'] == 0
+
+
+def test_paired_tests_over_questions(study):
+  root, _ = study
+  report = json.loads((root / 'study.json').read_text())
+  tests = report['tests']
+  assert [(t['student'], t['a'], t['b']) for t in tests] == [('bert1', a, b) for a, b in TESTED]
+  assert report['skipped_pairs'] == ['mkdm:kd_ensemble (kd_ensemble not in --methods)',
+                                     'tmkd:mkdm (tmkd not in --methods)',
+                                     'tmkd:student_scratch (tmkd not in --methods)',
+                                     'kd_ensemble:student_scratch (kd_ensemble not in --methods)']
+  maps = [{r['method']: r['metrics']['map'] for r in results_of(root, seed)['rows'] if r['student']}
+          for seed in (0, 1)]
+  for t in tests:
+    # Each question's AP averaged over seeds, then over questions: the mean over seeds of the MAP difference.
+    assert t['mean_difference'] == pytest.approx(np.mean([m[t['a']] - m[t['b']] for m in maps]), abs=1e-12)
+    assert t['ci_low'] <= t['mean_difference'] <= t['ci_high']
+    assert 0 < t['p_value'] <= t['p_holm'] <= 1
+    assert t['mde'] >= 0 and t['questions'] == tests[0]['questions'] > 1
+  assert [t['p_holm'] for t in tests] == pytest.approx(stats.holm([t['p_value'] for t in tests]))
+
+
+def test_table_and_plot_carry_the_numbers_and_provenance(study):
+  root, _ = study
+  report = json.loads((root / 'study.json').read_text())
+  table = (root / 'study.md').read_text()
+  scratch = next(s for s in report['summary'] if s['name'] == 'bert1_student_scratch')['metrics']['map']
+  assert f"{scratch['mean']:.4f} ± {scratch['std']:.4f}" in table
+  assert '| teacher_ensemble | teacher_ensemble | - | 2 |' in table
+  for t in report['tests']:
+    assert (f"| bert1 | {t['a']} - {t['b']} | {t['questions']} | {t['mean_difference']:+.4f} | "
+            f"[{t['ci_low']:+.4f}, {t['ci_high']:+.4f}] | {t['p_value']:.4f} | {t['p_holm']:.4f} |") in table
+  assert 'Skipped: mkdm:kd_ensemble' in table and report['provenance']['commit'][:12] in table
+  with Image.open(root / 'study_map.png') as image:
+    assert image.format == 'PNG' and image.size[0] > 300 and image.size[1] > 200
+    assert json.loads(image.info['Description']) == report['provenance']
+    image.verify()
+
+
+def test_a_later_session_extends_the_study_reusing_teachers_and_finished_seeds(study):
+  root, first = study
+  assert first['seeds'] == [0] and all(s['metrics']['map']['std'] is None for s in first['summary'])
+  assert not (root / 'seed_0' / 'teachers').exists() and not (root / 'seed_1' / 'teachers').exists()
+  assert sorted(p.name for p in (root / 'shared' / 'teachers').iterdir()) == ['teacher_0', 'teacher_1']
+  rerun = (root / 'seed_0' / 'run.log').read_text()  # the second session's log of seed 0
+  assert 'trained in' not in rerun
+  for run in ('teacher_0', 'teacher_1', 'bert1_student_scratch', 'bert1_kd_single', 'bert1_mkdm'):
+    assert f'{run}: already trained, skipping' in rerun
+  seed_1 = (root / 'seed_1' / 'run.log').read_text()
+  assert 'teacher_0: already trained, skipping' in seed_1 and 'bert1_mkdm: trained in' in seed_1
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--base_flagfile=no/such.flags'], '--base_flagfile=no/such.flags: no such file'),
+    (['--seeds=0,x'], '--seeds=0,x: expected distinct non-negative integers'),
+    (['--seeds=1,1'], '--seeds=1,1: expected distinct non-negative integers'),
+    (['--pairs=mkdm:nope'], "unknown method 'nope'"),
+    (['--', '--student_seed=3'], '--student_seed is set by study.py itself'),
+])
+def test_bad_input_is_one_error_line(tmp_path, args, message):
+  proc = run_study(f'--base_flagfile={CI_TINY}', f'--workdir={tmp_path / "study"}', *args)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and message in last, last
+  assert not (tmp_path / 'study').exists()
