@@ -63,6 +63,9 @@ class Config:
   group_col: str | None = _setting(None, 'tsv/jsonl tasks: question-id column for MAP/MRR.')
   max_train_rows: int = _setting(0, 'Use only the first N training rows (0 = all).')
   max_eval_rows: int = _setting(0, 'Use only the first N dev/eval rows (0 = all).')
+  train_questions: str = _setting('all', "Training questions: 'all', or 'with_both' (only questions with at least "
+                                  'one positive and one negative answer: the ones MAP/MRR evaluate; WikiQA: 8,651 of '
+                                  '20,360 pairs).', ('all', 'with_both'))
   negatives_per_positive: int = _setting(0, 'Subsample training negatives to k per positive (0 = keep all).')
   unlabelled_extra: int = _setting(0, 'Extra synthetic question-passage pairs for TMKD stage 1.')
   data_seed: int = _setting(0, 'Seed of the negative subsample and the synthetic unlabelled pairs.')
@@ -440,6 +443,12 @@ def load_examples(cfg: Config, task):
       raise UserError(f'--{flag}={getattr(cfg, flag)}: {examples[name].source} has no labels, so nothing can be '
                       f'{"evaluated" if name == "eval" else "selected"} on it; choose a labelled split (score '
                       'unlabelled pairs with experiments/evaluate.py --predictions on a trained model)')
+  if cfg.train_questions == 'with_both':
+    train = examples['train']
+    if train.groups is None:
+      raise UserError(f'--train_questions=with_both needs question groups, and {train.source} has none')
+    examples['train'] = train.select(np.flatnonzero(np.isin(
+        train.groups, metrics_lib.evaluated_groups(train.labels, train.groups))))
   if cfg.negatives_per_positive:
     examples['train'] = subsample_negatives(examples['train'], cfg.negatives_per_positive, cfg.data_seed)
   if 'tmkd' in cfg.methods:

@@ -119,3 +119,15 @@ def test_flagfile_errors_name_the_line(tmp_path):
   bad.write_text('--noprogress\n--online_teachers\n--buckets=16,32\n')
   cfg = pipeline.config_from_flagfile(bad, alpha=0.25)
   assert (cfg.progress, cfg.online_teachers, cfg.buckets, cfg.alpha) == (False, True, (16, 32), 0.25)
+
+
+def test_train_questions_with_both_keeps_the_evaluated_questions():
+  """WikiQA train has 8,651 pairs in questions with a positive and a negative answer (STACK-NOTES)."""
+  import numpy as np
+  from mkdm_jax import data
+  cfg = pipeline.Config(workdir='w', train_questions='with_both', methods=('mkdm',))
+  train = pipeline.load_examples(cfg, data.get_task('wikiqa'))['train']
+  assert len(train) == 8651
+  for group in np.unique(train.groups):
+    labels = train.labels[train.groups == group]
+    assert (labels == 1).any() and (labels == 0).any()
