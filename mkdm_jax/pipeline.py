@@ -586,7 +586,7 @@ def teacher_fingerprint(ctx: Context, teacher: Teacher):
   """Identity of a teacher for the logit store: a hash of its final (or encoder) parameters, or of the
   scores file."""
   if teacher.kind == 'scores':
-    return 'sha256:' + teachers_lib.file_sha256(teacher.source)[:16]
+    return teachers_lib.scores_fingerprint(teacher.source)
   path = teacher.directory / 'fingerprint'
   if not path.exists():
     if teacher.kind == 'checkpoint':

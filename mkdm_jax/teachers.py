@@ -14,8 +14,10 @@ enter the same per-head soft loss as a trained teacher.
 Calibration: logits [0, a * s + b] with (a, b) fitted by logistic regression of the dev labels on the
 scores s, so that softmax gives calibrated probabilities (the soft loss needs a sensible scale).
 """
+import functools
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -38,7 +40,16 @@ def parse_spec(spec: str) -> tuple[str, str]:
   return 'checkpoint', spec
 
 
-def file_sha256(path) -> str:
+def scores_fingerprint(path) -> str:
+  """Identity of a scores file: its sha256, hashed once per file version (size and mtime) in a process;
+  the pipeline asks for it for every stored set and stage."""
+  stat = os.stat(path)
+  return 'sha256:' + _file_sha256(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)[:16]
+
+
+@functools.lru_cache(maxsize=16)
+def _file_sha256(path, size, mtime_ns) -> str:
+  del size, mtime_ns  # cache key only
   digest = hashlib.sha256()
   with open(path, 'rb') as f:
     for block in iter(lambda: f.read(1 << 20), b''):

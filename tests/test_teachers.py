@@ -91,3 +91,15 @@ def test_mean_pooled_cosines_by_hand(minilm_dir):
     return mean / np.linalg.norm(mean)
   expected = [float(hand(a) @ hand(b)) for a, b in zip(text_a, text_b)]
   np.testing.assert_allclose(cosines, expected, rtol=1e-5)
+
+
+def test_scores_fingerprint_follows_the_file(tmp_path):
+  import hashlib
+  import os
+  path = tmp_path / 's.tsv'
+  path.write_text('row\tscore\n1\t0.5\n')
+  first = teachers.scores_fingerprint(path)
+  assert first == 'sha256:' + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+  path.write_text('row\tscore\n1\t0.7\n')
+  os.utime(path, ns=(1, 2))  # a new version, whatever the clock
+  assert teachers.scores_fingerprint(path) == 'sha256:' + hashlib.sha256(path.read_bytes()).hexdigest()[:16] != first
