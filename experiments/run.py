@@ -2,6 +2,8 @@
 
   python experiments/run.py --flagfile=experiments/configs/quickstart.flags --workdir=runs/quickstart
 
+`--export_teacher_logits=DIR` also writes the teachers' logits on every row as `scores:` teacher files.
+
 The stages, methods and their checks live in the library (mkdm_jax/pipeline.py, mkdm_jax/distill.py);
 this script parses flags, sets up the process (XLA CPU flags, allocator, multi-host) and calls
 `pipeline.run`. `--helpfull` lists every flag.
@@ -31,6 +33,9 @@ flags.DEFINE_enum('malloc', 'keep', ['keep', 'default'],
                   "Host allocator: 'keep' tells glibc to keep freed memory (no page faults on every step's "
                   "buffers: a MiniLM train step on a 2-core CPU ran 25% faster; the process keeps its peak "
                   "heap); 'default' leaves glibc as it is.")
+flags.DEFINE_string('export_teacher_logits', None,
+                    'After the stages, write every teacher\'s stored logits to DIR/teacher_<i>.tsv.gz: files that '
+                    'later runs read as --teacher_checkpoints=scores:FILE, without the teachers\' weights.')
 
 
 def define_config_flags():
@@ -72,6 +77,9 @@ def main(argv):
   workdir.mkdir(parents=True, exist_ok=True)
   with WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
     results = pipeline.run(cfg)
+    if FLAGS.export_teacher_logits and jax.process_index() == 0:
+      for path in pipeline.export_teacher_logits(pipeline.make_context(cfg), FLAGS.export_teacher_logits):
+        print(f'exported {path}')
   if results is not None:
     print(pipeline.results_markdown(results))
 

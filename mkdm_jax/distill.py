@@ -158,6 +158,7 @@ SETTINGS = {
     'teacher_weights': Setting('students', methods=_WEIGHTED),
     'ensemble_target': Setting('students', methods=('kd_ensemble',)),
     'unlabelled_extra': Setting('students', methods=_TMKD),
+    'unlabelled_splits': Setting('students', methods=_TMKD),
     'pretrain_epochs': Setting('students', methods=_TMKD),
     # Evaluation only.
     **dict.fromkeys(('eval_split', 'eval_batch_size', 'speed_rows', 'speed_repeats'), _EVAL),

@@ -10,9 +10,11 @@ and names the changed settings, unless `overwrite` is set. Teachers and the teac
 in `shared_dir` (default: the work directory) so that ablations and studies can reuse them.
 """
 import dataclasses
+import gzip
 import hashlib
 import json
 import logging
+import os
 import pathlib
 import re
 import shutil
@@ -68,6 +70,8 @@ class Config:
                                   '20,360 pairs).', ('all', 'with_both'))
   negatives_per_positive: int = _setting(0, 'Subsample training negatives to k per positive (0 = keep all).')
   unlabelled_extra: int = _setting(0, 'Extra synthetic question-passage pairs for TMKD stage 1.')
+  unlabelled_splits: tuple[str, ...] = _setting((), "More TMKD stage-1 pairs: TASK:SPLIT of a registered task "
+                                                "(e.g. qnli:dev, wikiqa:train), labels dropped, each pair once.")
   data_seed: int = _setting(0, 'Seed of the negative subsample and the synthetic unlabelled pairs.')
   skip_bad_rows: bool = _setting(False, 'Skip malformed rows (counted) instead of failing.')
   max_length: int = _setting(128, 'Maximum tokens per pair (longest-first truncation).')
@@ -271,6 +275,8 @@ def validate(cfg: Config):
       (not (cfg.soft_loss == 'mse' and 'kd_ensemble' in methods and cfg.ensemble_target == 'probs'),
        '--soft_loss=mse compares raw logits, and a mean of probabilities has none: use '
        '--ensemble_target=logits for kd_ensemble with --soft_loss=mse'),
+      (not cfg.unlabelled_splits or 'tmkd' in methods,
+       f'--unlabelled_splits={",".join(cfg.unlabelled_splits)} adds TMKD stage-1 pairs, and --methods has no tmkd'),
       # Head combination.
       (cfg.head_combine == 'mean' or (multi_head and cfg.num_teachers > 1),
        '--head_combine=learned needs a student with several heads: --methods with mkdm or tmkd and '
@@ -305,11 +311,12 @@ def _check_teachers(cfg):
   for kind, source in specs:
     if kind == 'scores' and not pathlib.Path(source).is_file():
       raise UserError(f'--teacher_checkpoints: scores:{source}: no such file')
-  if others and data_lib.get_task(cfg.task).num_classes != 2 and any(k == 'biencoder' for k, _ in specs):
-    raise UserError(f'--teacher_checkpoints: bi-encoder teachers give two-class scores; task {cfg.task} has more '
+  calibrated = [f'{kind}:{source}' for kind, source in specs if kind in ('biencoder', 'overlap')]
+  if calibrated and data_lib.get_task(cfg.task).num_classes != 2:
+    raise UserError(f'--teacher_checkpoints: {calibrated[0]} gives two-class scores; task {cfg.task} has more '
                     'classes')
-  if any(k == 'biencoder' for k, _ in specs) and cfg.dev_split == 'none':
-    raise UserError('--teacher_checkpoints: a biencoder: teacher is calibrated on the dev split: give a --dev_split')
+  if calibrated and cfg.dev_split == 'none':
+    raise UserError(f'--teacher_checkpoints: {calibrated[0]} is calibrated on the dev split: give a --dev_split')
   if cfg.online_teachers:
     if others:
       raise UserError(f'--online_teachers runs teacher models inside the train step; {", ".join(others)} '
@@ -359,12 +366,12 @@ def buckets_of(cfg: Config) -> tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class Teacher:
-  """One teacher: a checkpoint fine-tuned here, a zero-shot bi-encoder, or imported scores."""
+  """One teacher: a checkpoint fine-tuned here, a zero-shot bi-encoder, word overlap or imported scores."""
   index: int
   kind: str  # one of teachers.KINDS
   source: str  # checkpoint name/folder, or scores file
   directory: pathlib.Path
-  tokenizer_dir: pathlib.Path | None  # None for imported scores
+  tokenizer_dir: pathlib.Path | None  # None for imported scores and word overlap
 
   @property
   def name(self):
@@ -411,7 +418,7 @@ def teachers_of(cfg: Config, shared: pathlib.Path) -> tuple[Teacher, ...]:
   for i in range(cfg.num_teachers):
     kind, source = teachers_lib.parse_spec(distill.per_teacher(cfg.teacher_checkpoints, i))
     out.append(Teacher(i, kind, source, shared / 'teachers' / f'teacher_{i}',
-                       None if kind == 'scores' else tokenizer_dir_of(cfg, source)))
+                       tokenizer_dir_of(cfg, source) if kind in ('checkpoint', 'biencoder') else None))
   return tuple(out)
 
 
@@ -430,6 +437,17 @@ def load_split_rows(cfg: Config, split, max_rows=0):
   return data_lib.load_split(cfg.task, None if is_file else split, cfg.data_dir, path=split if is_file else None,
                              skip_bad_rows=cfg.skip_bad_rows, max_rows=max_rows or None, text_a_col=cfg.text_a_col,
                              text_b_col=cfg.text_b_col, label_col=cfg.label_col, group_col=cfg.group_col)
+
+
+def load_unlabelled_split(cfg: Config, spec):
+  """The rows of one --unlabelled_splits entry TASK:SPLIT (the task's own files; labels are dropped later)."""
+  task, _, split = spec.rpartition(':')
+  if not task or not split:
+    raise UserError(f'--unlabelled_splits: {spec!r}: expected TASK:SPLIT, e.g. qnli:dev')
+  if task not in data_lib.TASKS or task in ('tsv', 'jsonl'):
+    raise UserError(f'--unlabelled_splits: {spec!r}: unknown task {task!r}; choose a registered task with its '
+                    f'own files: {sorted(t for t in data_lib.TASKS if t not in ("tsv", "jsonl"))}')
+  return data_lib.load_split(task, split, cfg.data_dir, skip_bad_rows=cfg.skip_bad_rows)
 
 
 def load_examples(cfg: Config, task):
@@ -452,8 +470,9 @@ def load_examples(cfg: Config, task):
   if cfg.negatives_per_positive:
     examples['train'] = subsample_negatives(examples['train'], cfg.negatives_per_positive, cfg.data_seed)
   if 'tmkd' in cfg.methods:
-    examples['unlabelled'] = data_lib.make_unlabelled_pairs(examples['train'], cfg.unlabelled_extra,
-                                                            cfg.data_seed)
+    examples['unlabelled'] = data_lib.add_unlabelled_rows(
+        data_lib.make_unlabelled_pairs(examples['train'], cfg.unlabelled_extra, cfg.data_seed),
+        [load_unlabelled_split(cfg, spec) for spec in cfg.unlabelled_splits])
   for name, e in examples.items():
     log.info('%s: %d rows (%d labelled) from %s', name, len(e), int((e.labels >= 0).sum()), e.source)
   return examples
@@ -559,7 +578,7 @@ def _fit_head_weights(ctx, directory, model, params, dev):
 
 
 def stage_teachers(ctx: Context):
-  """Fine-tunes the checkpoint teachers (bi-encoder and imported-score teachers need no training)."""
+  """Fine-tunes the checkpoint teachers (bi-encoder, word-overlap and imported-score teachers need no training)."""
   cfg = ctx.cfg
   options = model_options(cfg)
   for t in ctx.teachers:
@@ -587,6 +606,8 @@ def teacher_fingerprint(ctx: Context, teacher: Teacher):
   scores file."""
   if teacher.kind == 'scores':
     return teachers_lib.scores_fingerprint(teacher.source)
+  if teacher.kind == 'overlap':
+    return f'overlap:{teacher.source}'
   path = teacher.directory / 'fingerprint'
   if not path.exists():
     if teacher.kind == 'checkpoint':
@@ -651,18 +672,26 @@ def _calibrated_logits(ctx, teacher):
   if teacher.kind == 'scores':
     keys, values = teachers_lib.read_scores(teacher.source, ctx.task.num_classes)
     values = teachers_lib.align(teacher.source, keys, values, {d: e.ids for d, e in ctx.examples.items()})
-    if next(iter(values.values())).ndim == 2:
+    used = len(set().union(*(e.ids.tolist() for e in ctx.examples.values())))
+    log.info('%s: %d rows of %s from %s, %d of them in this run\'s sets', teacher.name, len(keys),
+             'logits' if values['train'].ndim == 2 else 'scores', teacher.source, used)
+    if values['train'].ndim == 2:
       return values  # per-class logits, used as they are
-    log.info('%s: %d imported scores from %s', teacher.name, len(keys), teacher.source)
   else:
-    embed = biencoder(ctx, teacher)
-    values = {d: embed(e.text_a, e.text_b) for d, e in ctx.examples.items()}
+    score = biencoder(ctx, teacher) if teacher.kind == 'biencoder' else word_overlap(ctx, teacher)
+    values = {d: score(e.text_a, e.text_b) for d, e in ctx.examples.items()}
   if 'dev' not in values:
     raise UserError(f'{teacher.name} ({teacher.kind}:{teacher.source}) gives scalar scores, which are '
                     'calibrated on the dev split: give a --dev_split')
   a, b = teachers_lib.fit_calibration(values['dev'], ctx.examples['dev'].labels)
   log.info('%s: calibrated on dev: logit = %.4g * score + %.4g', teacher.name, a, b)
   return {d: teachers_lib.calibrated_logits(v, a, b) for d, v in values.items()}
+
+
+def word_overlap(ctx, teacher):
+  """(text_a, text_b) -> word-overlap scores, IDF over the distinct passages of every set of the run."""
+  passages = [text for e in ctx.examples.values() for text in e.text_b]
+  return lambda text_a, text_b: teachers_lib.word_overlap_scores(text_a, text_b, teacher.source, passages)
 
 
 def biencoder(ctx, teacher):
@@ -686,6 +715,32 @@ def teacher_logits(ctx: Context, dataset, indices=None):
       raise UserError(f'teacher logits {name} are missing or stale: run the logits stage')
     stacked.append(store.read_rows(name, manifest, ctx.examples[dataset].ids))
   return np.stack(stacked, axis=1)
+
+
+def export_teacher_logits(ctx: Context, out_dir) -> list[pathlib.Path]:
+  """Writes each teacher's stored logits on every row of every set (each row key once) to
+  <out_dir>/teacher_<i>.tsv.gz (columns row, logit_0 .. logit_{C-1}): a `scores:` teacher file, so students can
+  be trained later or elsewhere without the teacher's weights. Returns the files."""
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  header = '\t'.join(['row'] + [f'logit_{c}' for c in range(ctx.task.num_classes)])
+  written = []
+  for i, teacher in enumerate(ctx.teachers):
+    rows = {}  # row key -> logits, sets in a fixed order
+    for dataset in ctx.examples:
+      logits = teacher_logits(ctx, dataset, [i])[:, 0]
+      rows.update(zip(ctx.examples[dataset].ids.tolist(), logits))
+    path = out_dir / f'{teacher.name}.tsv.gz'
+    tmp = path.with_name(path.name + '.tmp')
+    # mtime=0: the same logits give the same bytes; 9 digits round-trip float32 (exact ties and ranks).
+    with open(tmp, 'wb') as raw, gzip.GzipFile(fileobj=raw, mode='wb', mtime=0) as f:
+      f.write((header + '\n').encode())
+      f.write(''.join(f'{key}\t' + '\t'.join(f'{v:.9g}' for v in values) + '\n'
+                      for key, values in rows.items()).encode())
+    os.replace(tmp, path)
+    log.info('%s: %d rows of logits exported to %s', teacher.name, len(rows), path)
+    written.append(path)
+  return written
 
 
 def teacher_inputs(ctx: Context, dataset, indices):
@@ -827,11 +882,12 @@ def _teacher_row(ctx, teacher, eval_logits, dev_logits, saved):
     saved_model.update_spec(teacher.directory, threshold=row['threshold'])
     row['params'] = count_params(params)
     timed = timed_model(ctx, model, params, teacher.tokenizer_dir)
-  elif teacher.kind == 'biencoder':
-    embed = biencoder(ctx, teacher)
+  elif teacher.kind in ('biencoder', 'overlap'):
+    score = biencoder(ctx, teacher) if teacher.kind == 'biencoder' else word_overlap(ctx, teacher)
     rows = ctx.examples['eval'].select(np.arange(min(ctx.cfg.speed_rows, len(ctx.examples['eval']))))
-    row['params'] = count_params(factory.load_encoder(teacher.source, model_options(ctx.cfg))[1])
-    timed = lambda: embed(rows.text_a, rows.text_b)
+    row['params'] = (count_params(factory.load_encoder(teacher.source, model_options(ctx.cfg))[1])
+                     if teacher.kind == 'biencoder' else 0)
+    timed = lambda: score(rows.text_a, rows.text_b)
   return row, timed
 
 
@@ -919,11 +975,8 @@ STAGE_FUNCTIONS = dict(teachers=stage_teachers, logits=stage_logits, pretrain=st
                        distill=stage_distill, evaluate=stage_evaluate, report=stage_report)
 
 
-def run(cfg: Config):
-  """Runs the configured stages in order; returns results.json's content when the report stage ran.
-
-  The caller holds the work-directory lock (see `mkdm_jax.workdir.WorkdirLock`).
-  """
+def make_context(cfg: Config) -> Context:
+  """The validated config's Context: folders (the work directory is created), task, rows, teachers, mesh."""
   validate(cfg)
   workdir = pathlib.Path(cfg.workdir).absolute()
   shared = pathlib.Path(cfg.shared_dir).absolute() if cfg.shared_dir else workdir
@@ -932,11 +985,19 @@ def run(cfg: Config):
   task = data_lib.get_task(cfg.task)
   examples = load_examples(cfg, task)
   metric_names, primary = task.metrics_for(examples['eval'])
-  ctx = Context(cfg=cfg, workdir=workdir, shared=shared, task=task, buckets=buckets_of(cfg), examples=examples,
-                teachers=teachers_of(cfg, shared),
-                mesh=train.make_mesh(cfg.fsdp), metrics=metric_names, primary=primary)
+  return Context(cfg=cfg, workdir=workdir, shared=shared, task=task, buckets=buckets_of(cfg), examples=examples,
+                 teachers=teachers_of(cfg, shared), mesh=train.make_mesh(cfg.fsdp), metrics=metric_names,
+                 primary=primary)
+
+
+def run(cfg: Config):
+  """Runs the configured stages in order; returns results.json's content when the report stage ran.
+
+  The caller holds the work-directory lock (see `mkdm_jax.workdir.WorkdirLock`).
+  """
+  ctx = make_context(cfg)
   check_saved_runs(ctx)
-  history = workdir / 'history'
+  history = ctx.workdir / 'history'
   history.mkdir(exist_ok=True)
   stamp = time.strftime('%Y%m%dT%H%M%S', time.gmtime())
   (history / f'{stamp}-config.json').write_text(json.dumps(dataclasses.asdict(cfg), indent=1))

@@ -1,12 +1,16 @@
 """Teachers that are not fine-tuned cross-encoders: imported scores and zero-shot bi-encoders.
 
-Both give per-row two-class logits for the logit store, keyed by row key (`mkdm_jax.data.row_key`), and
+Each gives per-row two-class logits for the logit store, keyed by row key (`mkdm_jax.data.row_key`), and
 enter the same per-head soft loss as a trained teacher.
 
-* Imported scores (`scores:FILE`): a TSV with a header or a JSONL file, one row per pair, with the row key
-  in `row` and either a scalar relevance score in `score` (any scale: a reranker's logit, a probability,
-  BM25) or per-class logits in `logit_0 .. logit_{C-1}` (JSONL: `"logits": [...]`). `experiments/evaluate.py
-  --predictions` files qualify (their `score` column). Scalar scores are calibrated on the dev split.
+* Imported scores (`scores:FILE`): a TSV with a header or a JSONL file (either may be gzipped: FILE.gz), one
+  row per pair, with the row key in `row` and either a scalar relevance score in `score` (any scale: a
+  reranker's logit, a probability, BM25) or per-class logits in `logit_0 .. logit_{C-1}` (JSONL: `"logits":
+  [...]`). `experiments/evaluate.py --predictions` files and `experiments/export_logits.py` files qualify.
+  Scalar scores are calibrated on the dev split; logits are used as they are.
+* Word overlap (`overlap:count` or `overlap:idf`): the number of the question's distinct non-stop words that
+  occur in the passage, or their summed IDF over the run's distinct passages (the WikiQA paper's "Word Cnt" and
+  "Wgt Word Cnt" baselines), calibrated on the dev split.
 * Bi-encoders (`biencoder:CHECKPOINT`): the cosine of the checkpoint's mean-pooled embeddings of the
   question and of the passage (the sentence-transformers recipe these checkpoints were trained for),
   calibrated on the dev split.
@@ -14,10 +18,14 @@ enter the same per-head soft loss as a trained teacher.
 Calibration: logits [0, a * s + b] with (a, b) fitted by logistic regression of the dev labels on the
 scores s, so that softmax gives calibrated probabilities (the soft loss needs a sensible scale).
 """
+import collections
 import functools
+import gzip
 import hashlib
 import json
+import math
 import os
+import re
 from pathlib import Path
 
 import jax
@@ -27,15 +35,25 @@ import optax
 
 from mkdm_jax.errors import UserError
 
-KINDS = ('checkpoint', 'biencoder', 'scores')
+KINDS = ('checkpoint', 'biencoder', 'scores', 'overlap')
+OVERLAP_WEIGHTS = ('count', 'idf')
+# Hand-written (a dozen function words; the baseline needs no NLP library): words that say nothing about
+# whether a passage answers a question.
+STOP_WORDS = frozenset('a an and are as at be by did do does for from how in is it of on or the to was were what '
+                       'when where which who whom why with'.split())
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
-  """(kind, source) of a teacher spec: 'biencoder:NAME', 'scores:FILE', else a checkpoint to fine-tune."""
+  """(kind, source) of a teacher spec: 'biencoder:NAME', 'scores:FILE', 'overlap:count|idf', else a checkpoint
+  to fine-tune."""
   kind, sep, source = spec.partition(':')
   if sep and kind in ('biencoder', 'scores'):
     if not source:
       raise UserError(f'teacher {spec!r}: give a checkpoint or file after {kind}:')
+    return kind, source
+  if kind == 'overlap':
+    if source not in OVERLAP_WEIGHTS:
+      raise UserError(f'teacher {spec!r}: expected overlap:count or overlap:idf')
     return kind, source
   return 'checkpoint', spec
 
@@ -61,8 +79,9 @@ def read_scores(path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
   """(row keys [N], values [N] scalar scores or [N, C] logits) of a scores file; UserError names file:line."""
   path = Path(path)
   try:
-    lines = path.read_text(encoding='utf-8').splitlines()
-  except (OSError, UnicodeDecodeError) as e:
+    with (gzip.open if path.suffix == '.gz' else open)(path, 'rt', encoding='utf-8') as f:
+      lines = f.read().splitlines()
+  except (OSError, EOFError, UnicodeDecodeError) as e:
     raise UserError(f'{path}: cannot read teacher scores: {e}') from None
   lines = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
   if not lines:
@@ -80,7 +99,7 @@ def read_scores(path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
       raise UserError(f'{path}:{lineno}: expected one finite score or {num_classes} logits, got {value.tolist()}')
     values.append(value)
 
-  if path.suffix == '.jsonl':
+  if path.name.removesuffix('.gz').endswith('.jsonl'):
     for lineno, line in lines:
       try:
         obj = json.loads(line)
@@ -112,7 +131,9 @@ def read_scores(path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def align(path, keys, values, wanted: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """The values of each named set of row keys; UserError for rows missing from, or extra in, the file."""
+  """The values of each named set of row keys; UserError for rows missing from the file. Other rows of the
+  file are ignored: one file may serve several runs (e.g. exported logits of every stage-1 set a study uses),
+  and a file made for other data or other row keys misses this run's rows."""
   index = {int(k): i for i, k in enumerate(keys)}
   missing = {name: [int(k) for k in ids if int(k) not in index] for name, ids in wanted.items()}
   missing = {name: ks for name, ks in missing.items() if ks}
@@ -120,11 +141,6 @@ def align(path, keys, values, wanted: dict[str, np.ndarray]) -> dict[str, np.nda
     detail = '; '.join(f'{name}: {len(ks)} rows (first keys {ks[:3]})' for name, ks in missing.items())
     raise UserError(f'{path}: teacher scores are missing for {detail}. Score every train, dev, eval (and '
                     'unlabelled) row; row keys are mkdm_jax.data.row_key of each pair')
-  used = set().union(*(map(int, ids) for ids in wanted.values()))
-  extra = [int(k) for k in keys if int(k) not in used]
-  if extra:
-    raise UserError(f'{path}: {len(extra)} scored rows belong to none of this run\'s sets (first keys '
-                    f'{extra[:3]}): the file was made for other data or other row keys')
   return {name: values[[index[int(k)] for k in ids]] for name, ids in wanted.items()}
 
 
@@ -187,3 +203,17 @@ def mean_pooled_cosines(embed, tokenizer, text_a, text_b, max_length, batch_size
   index = {text: i for i, text in enumerate(texts)}
   embedded = lambda column: vectors[[index[text] for text in column]]
   return np.sum(embedded(text_a) * embedded(text_b), axis=1)
+
+
+def _words(text):
+  return set(re.findall(r'\w+', text.lower())) - STOP_WORDS
+
+
+def word_overlap_scores(text_a, text_b, weight: str, passages) -> np.ndarray:
+  """Per pair: the question's distinct non-stop words found in the passage, counted (`count`) or weighted by
+  their IDF log(N / df) over the distinct `passages` and text_b (`idf`)."""
+  documents = set(passages) | set(text_b)
+  frequency = collections.Counter(w for passage in documents for w in _words(passage))
+  n = len(documents)
+  value = (lambda w: 1.0) if weight == 'count' else (lambda w: math.log(n / frequency[w]))
+  return np.array([sum(value(w) for w in _words(a) & _words(b)) for a, b in zip(text_a, text_b)], np.float64)

@@ -3,9 +3,11 @@ imported scores as teachers; MPNet, BERT and BiLSTM students, each reading its o
 import json
 
 import numpy as np
+import pytest
 
 from conftest import CI_TINY, run_pipeline
-from mkdm_jax import data, pipeline
+from mkdm_jax import data, metrics, pipeline
+from mkdm_jax import teachers as teachers_lib
 
 FLAGS = dict(max_train_rows=40, max_eval_rows=60, unlabelled_extra=0, num_teachers=3, max_length=32,
              buckets=(32,), batch_size=8, eval_batch_size=32, teacher_learning_rates=(3e-5,), speed_rows=32,
@@ -52,3 +54,26 @@ def test_mixed_family_run(tmp_path, xla_cache):
   assert json.loads((workdir / 'students' / 'mpnet1_mkdm' / 'model.json').read_text())['encoder'] == 'mpnet'
   settings = json.loads((workdir / 'students' / 'mpnet1_mkdm' / 'settings.json').read_text())
   assert settings['student_checkpoint'] == 'mpnet-base' and len(settings['teachers']) == 3
+
+
+def test_word_overlap_teachers_are_zero_shot_baselines(tmp_path, xla_cache):
+  """overlap:idf and overlap:count need no training: their rows rank the test pairs as the raw word-overlap
+  scores do (calibration is monotone), with IDF over every set's passages."""
+  workdir = tmp_path / 'w'
+  proc = run_pipeline(workdir, '--num_teachers=2', '--teacher_checkpoints=overlap:idf,overlap:count', '--students=',
+                      '--methods=kd_single', '--stages=teachers,logits,evaluate,report', cache=xla_cache)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  assert not (workdir / 'teachers').exists()
+  cfg = pipeline.config_from_flagfile(CI_TINY, workdir=str(workdir), methods=('kd_single',))
+  examples = pipeline.load_examples(cfg, data.get_task('wikiqa'))
+  passages = [t for e in examples.values() for t in e.text_b]
+  rows = {r['name']: r for r in json.loads((workdir / 'results.json').read_text())['rows']}
+  test = examples['eval']
+  for name, weight in (('teacher_0', 'idf'), ('teacher_1', 'count')):
+    assert (rows[name]['kind'], rows[name]['checkpoint']) == ('overlap', weight)
+    assert rows[name]['params'] == 0 and rows[name]['examples_per_sec'] > 0
+    raw = teachers_lib.word_overlap_scores(test.text_a, test.text_b, weight, passages)
+    probs = np.stack([1 - 1 / (1 + np.exp(-raw)), 1 / (1 + np.exp(-raw))], 1)  # any increasing map of the score
+    expected = metrics.compute(['map', 'mrr', 'auc'], test.labels, probs, test.groups)
+    for metric in ('map', 'mrr', 'auc'):
+      assert rows[name]['metrics'][metric] == pytest.approx(expected[metric], abs=1e-9), (name, metric)

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_pipeline
+from mkdm_jax import data as data_lib
+from mkdm_jax import teachers
 
 METHODS = {'student_scratch', 'kd_single', 'kd_ensemble', 'mkdm', 'tmkd'}
 WIKIQA_METRICS = {'accuracy', 'f1', 'auc', 'map', 'mrr', 'accuracy_at_threshold', 'f1_at_threshold'}
@@ -189,3 +191,32 @@ def test_learned_head_combination_is_fitted_on_dev_and_saved(tmp_path, xla_cache
   assert spec['combine'] == 'learned' and weights.sum() == pytest.approx(1.0)
   assert np.abs(weights - 0.5).max() > 1e-3  # fitted, not left uniform
   assert 'head weights fitted on dev' in proc.stderr
+
+
+def test_exported_teacher_logits_replace_the_teachers(run_copy, xla_cache, tmp_path):
+  """--export_teacher_logits writes the stored logits of every row; a run reading them as scores: teachers
+  reports the same teacher metrics with no teacher weights."""
+  out = tmp_path / 'exported'
+  proc = run_pipeline(run_copy, '--stages=logits', f'--export_teacher_logits={out}', cache=xla_cache)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  store = data_lib.LogitStore(run_copy / 'logits')
+  stored = {}
+  for part in (run_copy / 'logits').glob('teacher_0.*'):
+    logits, ids = store.read(part.name, json.loads((part / 'manifest.json').read_text())['manifest'])
+    stored.update(zip(ids.tolist(), logits.tolist()))
+  keys, values = teachers.read_scores(out / 'teacher_0.tsv.gz', 2)
+  assert sorted(keys.tolist()) == sorted(stored)  # every row of every set, once
+  np.testing.assert_array_equal(values, [stored[k] for k in keys.tolist()])  # float32 exactly
+
+  imported = tmp_path / 'imported'
+  specs = ','.join(f'scores:{out}/teacher_{t}.tsv.gz' for t in range(3))
+  proc = run_pipeline(imported, f'--teacher_checkpoints={specs}', '--students=', '--stages=logits,evaluate,report',
+                      cache=xla_cache)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not (imported / 'teachers').exists()
+  before = {r['name']: r for r in results_of(run_copy)['rows'] if r['student'] is None}
+  after = {r['name']: r for r in results_of(imported)['rows']}
+  assert set(after) == set(before) == {'teacher_0', 'teacher_1', 'teacher_2', 'teacher_ensemble'}
+  for name, row in after.items():
+    for key in ('metrics', 'dev_metrics'):
+      assert row[key] == before[name][key], (name, key)

@@ -1,4 +1,5 @@
 """Imported teacher scores and bi-encoder teachers against hand computations."""
+import gzip
 import json
 
 import numpy as np
@@ -13,8 +14,11 @@ def test_parse_spec():
   assert teachers.parse_spec('biencoder:mpnet-base') == ('biencoder', 'mpnet-base')
   assert teachers.parse_spec('scores:/tmp/a.tsv') == ('scores', '/tmp/a.tsv')
   assert teachers.parse_spec('C:/models/x') == ('checkpoint', 'C:/models/x')
+  assert teachers.parse_spec('overlap:idf') == ('overlap', 'idf')
   with pytest.raises(UserError, match='after scores:'):
     teachers.parse_spec('scores:')
+  with pytest.raises(UserError, match='expected overlap:count or overlap:idf'):
+    teachers.parse_spec('overlap:bm25')
 
 
 def test_read_scalar_and_logit_scores(tmp_path):
@@ -50,14 +54,14 @@ def test_bad_score_files_name_file_and_line(tmp_path, name, content, message):
   assert str(path) in str(e.value) and message in str(e.value)
 
 
-def test_align_reports_missing_and_extra_rows(tmp_path):
+def test_align_reports_missing_rows_and_ignores_others(tmp_path):
   keys, values = np.array([10, 11, 12]), np.array([1.0, 2.0, 3.0])
   out = teachers.align('f.tsv', keys, values, {'train': np.array([12, 10]), 'dev': np.array([11])})
   assert out['train'].tolist() == [3.0, 1.0] and out['dev'].tolist() == [2.0]
   with pytest.raises(UserError, match=r'missing for dev: 1 rows \(first keys \[99\]\)'):
     teachers.align('f.tsv', keys, values, {'train': np.array([12, 10, 11]), 'dev': np.array([99])})
-  with pytest.raises(UserError, match='1 scored rows belong to none'):
-    teachers.align('f.tsv', keys, values, {'train': np.array([12, 10])})
+  out = teachers.align('f.tsv', keys, values, {'train': np.array([12])})  # a file may cover more rows
+  assert out['train'].tolist() == [3.0]
 
 
 def test_calibration_recovers_a_logistic_model():
@@ -103,3 +107,29 @@ def test_scores_fingerprint_follows_the_file(tmp_path):
   path.write_text('row\tscore\n1\t0.7\n')
   os.utime(path, ns=(1, 2))  # a new version, whatever the clock
   assert teachers.scores_fingerprint(path) == 'sha256:' + hashlib.sha256(path.read_bytes()).hexdigest()[:16] != first
+
+
+def test_gzipped_score_files_read_like_plain_ones(tmp_path):
+  for name, text in (('s.tsv.gz', 'row\tlogit_0\tlogit_1\n3\t1.0\t-2.0\n'),
+                     ('s.jsonl.gz', json.dumps({'row': 3, 'logits': [1.0, -2.0]}) + '\n')):
+    with gzip.open(tmp_path / name, 'wt') as f:
+      f.write(text)
+    keys, values = teachers.read_scores(tmp_path / name, 2)
+    assert keys.tolist() == [3] and values.tolist() == [[1.0, -2.0]]
+  broken = tmp_path / 'broken.tsv.gz'
+  broken.write_bytes(gzip.compress(b'row\tscore\n1\t0.5\n')[:-9])  # cut short
+  with pytest.raises(UserError, match=f'{broken}: cannot read teacher scores'):
+    teachers.read_scores(broken, 2)
+
+
+def test_word_overlap_by_hand():
+  """'What is the capital of France?' vs 'Paris is the capital of France.': capital and france overlap
+  (what/is/the/of are stop words); IDF over the 3 distinct passages."""
+  passages = ['Paris is the capital of France.', 'France borders Spain.', 'The capital of Peru is Lima.']
+  q = 'What is the capital of France?'
+  counts = teachers.word_overlap_scores([q, q, q], passages, 'count', passages)
+  assert counts.tolist() == [2.0, 1.0, 1.0]
+  idf = teachers.word_overlap_scores([q, q, q], passages, 'idf', passages)
+  capital, france = np.log(3 / 2), np.log(3 / 2)  # each word is in 2 of the 3 passages
+  np.testing.assert_allclose(idf, [capital + france, france, capital])
+  assert teachers.word_overlap_scores(['Who?'], ['Nobody at all.'], 'idf', []).tolist() == [0.0]

@@ -1,4 +1,6 @@
 """pipeline.validate refuses flag combinations without meaning, naming the flags; typed flag conversion."""
+import dataclasses
+
 import pytest
 
 from mkdm_jax import pipeline
@@ -30,6 +32,7 @@ def validate(**overrides):
     (dict(head_combine='learned', methods=('mkdm',), dev_split='none'), ['--head_combine=learned', '--dev_split']),
     (dict(hidden_weight=0.5, students=('bert3',)), ['--hidden_weight', '--online_teachers']),
     (dict(ONLINE, attention_weight=0.5, student_checkpoint=('minilm-l6',)), ['--attention_weight']),
+    (dict(unlabelled_splits=('qnli:dev',), methods=('mkdm',)), ['--unlabelled_splits=qnli:dev', '--methods']),
 ])
 def test_refused(overrides, flags):
   with pytest.raises(UserError) as error:
@@ -131,3 +134,33 @@ def test_train_questions_with_both_keeps_the_evaluated_questions():
   for group in np.unique(train.groups):
     labels = train.labels[train.groups == group]
     assert (labels == 1).any() and (labels == 0).any()
+
+
+def test_unlabelled_splits_add_their_pairs_once_without_labels():
+  """--unlabelled_splits=wikiqa:train on top of the with_both train rows gives all 20,360 WikiQA train pairs
+  (the train rows are not repeated); qnli:dev adds its 5,463 pairs."""
+  from mkdm_jax import data
+  cfg = pipeline.Config(workdir='w', train_questions='with_both', methods=('tmkd',), unlabelled_extra=0,
+                        unlabelled_splits=('wikiqa:train', 'qnli:dev'))
+  examples = pipeline.load_examples(cfg, data.get_task('wikiqa'))
+  full_train, qnli = data.load_split('wikiqa', 'train'), data.load_split('qnli', 'dev')
+  unlabelled = examples['unlabelled']
+  assert len(unlabelled) == len(full_train) + len(qnli) == 20360 + 5463
+  assert (unlabelled.labels == -1).all() and unlabelled.groups is None
+  assert unlabelled.ids[:8651].tolist() == examples['train'].ids.tolist()
+  assert set(unlabelled.ids.tolist()) == set(full_train.ids.tolist()) | set(qnli.ids.tolist())
+  position = {key: i for i, key in enumerate(unlabelled.ids.tolist())}
+  i = position[int(qnli.ids[7])]
+  assert (unlabelled.text_a[i], unlabelled.text_b[i]) == (qnli.text_a[7], qnli.text_b[7])
+  only_train = pipeline.load_examples(dataclasses.replace(cfg, unlabelled_splits=()), data.get_task('wikiqa'))
+  assert unlabelled.fingerprint != only_train['unlabelled'].fingerprint
+
+
+@pytest.mark.parametrize('spec,message', [('qnli', 'expected TASK:SPLIT'), ('nosuch:dev', "unknown task 'nosuch'"),
+                                          ('tsv:dev', "unknown task 'tsv'"), ('qnli:nosuch', 'nosuch')])
+def test_bad_unlabelled_splits_name_the_flag(spec, message):
+  from mkdm_jax import data
+  cfg = pipeline.Config(workdir='w', methods=('tmkd',), max_train_rows=20, unlabelled_splits=(spec,))
+  with pytest.raises(UserError, match=message) as error:
+    pipeline.load_examples(cfg, data.get_task('wikiqa'))
+  assert 'nosuch:dev' not in spec or '--unlabelled_splits' in str(error.value)

@@ -2,8 +2,10 @@
 from mkdm_jax.data.batching import batches, num_batches
 from mkdm_jax.data.logit_store import LogitStore, StaleStoreError
 from mkdm_jax.data.readers import Examples, row_key
-from mkdm_jax.data.tasks import TASKS, TaskSpec, get_task, load_split, make_unlabelled_pairs, resolve_data_dir
+from mkdm_jax.data.tasks import (TASKS, TaskSpec, add_unlabelled_rows, get_task, load_split, make_unlabelled_pairs,
+                                 resolve_data_dir)
 from mkdm_jax.data.tokenize import Encoded, encode
 
 __all__ = ["Examples", "row_key", "TaskSpec", "get_task", "TASKS", "resolve_data_dir", "load_split",
-           "make_unlabelled_pairs", "encode", "Encoded", "batches", "num_batches", "LogitStore", "StaleStoreError"]
+           "make_unlabelled_pairs", "add_unlabelled_rows", "encode", "Encoded", "batches", "num_batches", "LogitStore",
+           "StaleStoreError"]

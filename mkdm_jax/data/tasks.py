@@ -201,3 +201,25 @@ def make_unlabelled_pairs(examples: Examples, num_extra: int, seed: int) -> Exam
       groups=None if examples.groups is None else np.concatenate([examples.groups, examples.groups[q_rows]]),
       ids=ids,
       fingerprint=hashlib.sha256(f"{examples.fingerprint}:unlabelled:{num_extra}:{seed}".encode()).hexdigest())
+
+
+def add_unlabelled_rows(unlabelled: Examples, extra: list[Examples]) -> Examples:
+  """TMKD stage-1 data `unlabelled` plus the rows of other sets (labels dropped), each row key once.
+
+  Rows already present (same row key: e.g. the train rows when all of a task's train split is added) are
+  kept once. Groups are dropped (stage 1 never uses them)."""
+  seen = set(unlabelled.ids.tolist())
+  text_a, text_b, ids = list(unlabelled.text_a), list(unlabelled.text_b), [unlabelled.ids]
+  parts = [unlabelled.fingerprint]
+  for examples in extra:
+    new = [i for i, key in enumerate(examples.ids.tolist()) if key not in seen]
+    seen.update(examples.ids[new].tolist())
+    text_a += [examples.text_a[i] for i in new]
+    text_b += [examples.text_b[i] for i in new]
+    ids.append(examples.ids[new])
+    parts.append(examples.fingerprint)
+  return dataclasses.replace(
+      unlabelled, text_a=text_a, text_b=text_b, labels=np.full(len(text_a), -1, dtype=np.int32), groups=None,
+      group_names=None, ids=np.concatenate(ids),
+      source=' + '.join([unlabelled.source] + [e.source for e in extra]),
+      fingerprint=hashlib.sha256(':'.join(parts).encode()).hexdigest())
