@@ -134,15 +134,19 @@ def question_scores(path, examples):
     for name in saved.files:
       if name.startswith('eval/') and name != 'eval/ids':
         groups, ap, rr = average_precisions(examples.labels, saved[name][rows, 1], examples.groups)
-        scores['map'][name.removeprefix('eval/')], scores['mrr'][name.removeprefix('eval/')] = ap.tolist(), rr.tolist()
+        # 6 decimals: records stay small (they are committed) and MAP differences of 1e-6 are far below noise.
+        scores['map'][name.removeprefix('eval/')] = np.round(ap, 6).tolist()
+        scores['mrr'][name.removeprefix('eval/')] = np.round(rr, 6).tolist()
   return scores, [examples.group_names[g] for g in groups]
 
 
 def make_record(arch, seed, settings, workdir, results, examples):
-  rows = [{k: r.get(k) for k in ('name', 'method', 'student', 'metrics', 'dev_metrics')} for r in results['rows']]
+  rows = [{k: r.get(k) for k in ('name', 'method', 'student', 'metrics', 'dev_metrics', 'train_seconds',
+                                  'pretrain_seconds')} for r in results['rows']]
   scores, questions = question_scores(workdir / 'eval' / 'probabilities.npz', examples)
   return {'student': arch, 'seed': seed, 'settings': settings, 'provenance': results['provenance'], 'rows': rows,
-          'questions': questions, 'question_scores': scores}
+          'teacher_diversity': results.get('teacher_diversity', {}), 'questions': questions,
+          'question_scores': scores}
 
 
 def load_record(path, settings):
@@ -233,10 +237,14 @@ def markdown(report):
   lines = [f"# Study: {report['task']} ({report['split']}), seeds {', '.join(map(str, report['seeds']))}", '',
            f"`{report['base_flagfile']}`" + (f" with `{' '.join(report['extra_flags'])}`" if report['extra_flags']
                                             else '') + f". Report: {provenance_line(report['provenance'])}.", '',
-           'Runs: ' + '; '.join(f"{arch} seeds {', '.join(str(r['seed']) for r in report['runs'] if r['student'] == arch)}"
-                                for arch in report['students'] if any(r['student'] == arch for r in report['runs']))
+           'Runs: ' + '; '.join(f"{arch} seeds {', '.join(map(str, seeds))}"
+                                for arch in report['students']
+                                if (seeds := [r['seed'] for r in report['runs'] if r['student'] == arch]))
            + '.' + (f" Not yet run: {', '.join(f'{a} seed {s}' for a, s in report['missing'])}." if report['missing']
                     else ''), '',
+           *(['Teacher diversity (mkdm_jax.metrics.teacher_diversity): ' + '; '.join(
+               f"{split}: disagreement {d['disagreement']:.4f}, symmetric KL {d['symmetric_kl']:.4f}"
+               for split, d in report['teacher_diversity'].items()) + '.', ''] if report['teacher_diversity'] else []),
            f"## Mean ± std over seeds ({report['split']}; teachers are fixed, seeds '-')", '',
            '| model | method | student | seeds | ' + ' | '.join(names) + ' |', '|' + '---|' * (4 + len(names))]
   for r in summary:
@@ -339,7 +347,8 @@ def main(argv):
               'config': {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESERVED_FLAGS},
               'provenance': provenance.record(), 'records': str(records_dir),
               'runs': [{k: r[k] for k in ('student', 'seed', 'provenance', 'rows')} for r in records],
-              'missing': missing, 'summary': summarise(records, cfg.students),
+              'missing': missing, 'teacher_diversity': records[0]['teacher_diversity'],
+              'summary': summarise(records, cfg.students),
               'tests': paired_tests(tested, cfg.students, records, FLAGS.metric), 'skipped_pairs': skipped}
     (root / 'study.json').write_text(json.dumps(report, indent=1))
     (root / 'study.md').write_text(markdown(report))

@@ -127,3 +127,19 @@ def compute(metric_names, labels, probs, groups=None, threshold=None) -> dict[st
   if {"map", "mrr"} & set(metric_names):
     results["map"], results["mrr"] = ranking(labels, probs[:, 1], np.asarray(groups)[keep])
   return {m: results[m] for m in names}
+
+
+def teacher_diversity(logits) -> dict[str, float]:
+  """How much teachers differ on the same rows, from their logits [N, T, C] (T >= 2), averaged over the
+  T(T-1)/2 teacher pairs: `disagreement`, the share of rows where the two argmax classes differ, and
+  `symmetric_kl`, the mean over rows of KL(p||q) + KL(q||p) between their softmax distributions (T = 1)."""
+  logits = np.asarray(logits, np.float64)
+  if logits.ndim != 3 or logits.shape[1] < 2:
+    raise ValueError(f'need logits [rows, teachers >= 2, classes], got shape {logits.shape}')
+  log_p = logits - logits.max(-1, keepdims=True)
+  log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+  pairs = [(i, j) for i in range(logits.shape[1]) for j in range(i + 1, logits.shape[1])]
+  disagree = [np.mean(logits[:, i].argmax(-1) != logits[:, j].argmax(-1)) for i, j in pairs]
+  kl = [np.mean(np.sum((np.exp(log_p[:, i]) - np.exp(log_p[:, j])) * (log_p[:, i] - log_p[:, j]), -1))
+        for i, j in pairs]  # KL(p||q) + KL(q||p) = sum (p - q)(log p - log q)
+  return {'disagreement': float(np.mean(disagree)), 'symmetric_kl': float(np.mean(kl))}

@@ -563,8 +563,10 @@ def fit_model(ctx: Context, directory, build, tokenizer_dir, dataset, settings, 
                      eval_metrics=ctx.metrics, primary_metric=ctx.primary)
   if model.combine == 'learned' and dev is not None:
     params = _fit_head_weights(ctx, directory, model, params, dev)
-  saved_model.update_spec(directory, combine_weights=np.asarray(combination_weights(model, params)).tolist())
-  log.info('%s: trained in %.0f s', directory, time.perf_counter() - t0)
+  seconds = time.perf_counter() - t0  # of this process: a resumed run counts its last part only
+  saved_model.update_spec(directory, combine_weights=np.asarray(combination_weights(model, params)).tolist(),
+                          train_seconds=round(seconds, 1))
+  log.info('%s: trained in %.0f s', directory, seconds)
 
 
 def _fit_head_weights(ctx, directory, model, params, dev):
@@ -878,9 +880,9 @@ def _teacher_row(ctx, teacher, eval_logits, dev_logits, saved):
              saved, method='teacher', student=None, kind=teacher.kind, checkpoint=teacher.source, params=None)
   timed = None
   if teacher.kind == 'checkpoint':
-    model, params, _ = saved_model.load(teacher.directory)
+    model, params, spec = saved_model.load(teacher.directory)
     saved_model.update_spec(teacher.directory, threshold=row['threshold'])
-    row['params'] = count_params(params)
+    row['params'], row['train_seconds'] = count_params(params), spec.get('train_seconds')
     timed = timed_model(ctx, model, params, teacher.tokenizer_dir)
   elif teacher.kind in ('biencoder', 'overlap'):
     score = biencoder(ctx, teacher) if teacher.kind == 'biencoder' else word_overlap(ctx, teacher)
@@ -893,7 +895,8 @@ def _teacher_row(ctx, teacher, eval_logits, dev_logits, saved):
 
 def stage_evaluate(ctx: Context):
   """Metrics on the eval split (and at a dev-tuned threshold) and on dev, the measured speed of every model,
-  and every model's positive-class probabilities by row (eval/probabilities.npz, for paired tests)."""
+  every model's positive-class probabilities by row (eval/probabilities.npz, for paired tests), and how much
+  the teachers differ (metrics.teacher_diversity) on dev and eval."""
   cfg = ctx.cfg
   out_dir = ctx.workdir / 'eval'
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -914,7 +917,7 @@ def stage_evaluate(ctx: Context):
   for arch in cfg.students:
     for method in cfg.methods:
       directory = ctx.student_dir(arch, method)
-      model, params, _ = saved_model.load(directory)
+      model, params, spec = saved_model.load(directory)
       tokenizer_dir = ctx.student_tokenizer_dir(arch)
       dev = predict(ctx, model, params, ctx.encoded(tokenizer_dir, 'dev')) if 'dev' in ctx.examples else None
       out = predict(ctx, model, params, ctx.encoded(tokenizer_dir, 'eval'))
@@ -922,14 +925,21 @@ def stage_evaluate(ctx: Context):
                  None if dev is None else train.softmax(dev['logits']), saved, method=method, student=arch,
                  params=count_params(params),
                  examples_per_sec=examples_per_sec(ctx, [timed_model(ctx, model, params, tokenizer_dir)]),
-                 combine_weights=np.asarray(combination_weights(model, params)).tolist())
+                 combine_weights=np.asarray(combination_weights(model, params)).tolist(),
+                 train_seconds=spec.get('train_seconds'))
+      if distill.METHODS[method].pretrain:
+        row['pretrain_seconds'] = saved_model.read_spec(ctx.student_dir(arch, distill.STAGE1)).get('train_seconds')
       saved_model.update_spec(directory, threshold=row['threshold'])
       heads = train.scores(out, ctx.examples['eval'], ctx.metrics, threshold=row['threshold'])
       row['head_metrics'] = {k: v for k, v in heads.items() if '/' in k}
       rows.append(row)
   np.savez(out_dir / 'probabilities.npz', **{f'{d}/ids': ctx.examples[d].ids for d in ('eval', 'dev')
                                             if d in ctx.examples}, **saved)
-  (out_dir / 'rows.json').write_text(json.dumps({'provenance': provenance.record(), 'rows': rows}, indent=1))
+  diversity = {name: metrics_lib.teacher_diversity(logits)
+               for name, logits in (('dev', dev_logits), ('eval', eval_logits))
+               if logits is not None and len(ctx.teachers) > 1}
+  (out_dir / 'rows.json').write_text(json.dumps({'provenance': provenance.record(), 'rows': rows,
+                                                 'teacher_diversity': diversity}, indent=1))
 
 
 def stage_report(ctx: Context):
@@ -942,7 +952,7 @@ def stage_report(ctx: Context):
              'speed': {'rows': min(ctx.cfg.speed_rows, len(ctx.examples['eval'])),
                        'batch_size': ctx.cfg.eval_batch_size, 'buckets': list(ctx.buckets),
                        'timing': f'median of {ctx.cfg.speed_repeats} passes after a warm-up pass'},
-             'rows': evaluated['rows']}
+             'teacher_diversity': evaluated.get('teacher_diversity', {}), 'rows': evaluated['rows']}
   (ctx.workdir / 'results.json').write_text(json.dumps(results, indent=1))
   (ctx.workdir / 'results.md').write_text(results_markdown(results))
   return results

@@ -222,3 +222,19 @@ def test_compute_at_threshold():
   assert all(np.isnan(v) for v in unlabelled.values())
   with pytest.raises(UserError, match="threshold needs 2 classes, got 3"):
     metrics.compute(["accuracy"], [0, 1, 2], np.eye(3), threshold=0.5)
+
+
+def test_teacher_diversity_by_hand():
+  """Two rows, three teachers. Row 0: teachers 0 and 1 say class 1, teacher 2 class 0; row 1: all say 0."""
+  logits = np.array([[[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]],
+                     [[1.0, 0.0], [2.0, 0.0], [1.0, 0.0]]])
+  out = metrics.teacher_diversity(logits)
+  assert out['disagreement'] == pytest.approx((0.5 + 0.5 + 0.0) / 3)  # pairs (0,1) (0,2) (1,2): rows differing
+  p = lambda z: np.exp(z) / np.exp(z).sum()
+  kl = lambda a, b: np.sum(p(a) * np.log(p(a) / p(b))) + np.sum(p(b) * np.log(p(b) / p(a)))
+  per_pair = [np.mean([kl(logits[r, i], logits[r, j]) for r in range(2)]) for i, j in ((0, 1), (0, 2), (1, 2))]
+  assert out['symmetric_kl'] == pytest.approx(np.mean(per_pair))
+  same = metrics.teacher_diversity(np.repeat(logits[:, :1], 3, axis=1))
+  assert same == {'disagreement': 0.0, 'symmetric_kl': 0.0}
+  with pytest.raises(ValueError, match='teachers >= 2'):
+    metrics.teacher_diversity(logits[:, :1])

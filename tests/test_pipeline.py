@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, run_pipeline
 from mkdm_jax import data as data_lib
-from mkdm_jax import teachers
+from mkdm_jax import metrics, teachers
 
 METHODS = {'student_scratch', 'kd_single', 'kd_ensemble', 'mkdm', 'tmkd'}
 WIKIQA_METRICS = {'accuracy', 'f1', 'auc', 'map', 'mrr', 'accuracy_at_threshold', 'f1_at_threshold'}
@@ -48,6 +48,11 @@ def test_results_json_content_with_every_method(ci_tiny_run):
   assert {f'head{h}/map' for h in range(3)} <= set(mkdm['head_metrics'])  # one head per teacher
   assert mkdm['combine_weights'] == pytest.approx([1 / 3] * 3)
   assert 'head0/map' not in next(r for r in rows if r['name'] == 'bert1_kd_single')['head_metrics']
+  # Training wall time of every trained model (the cost table of a study); TMKD's stage 1 apart.
+  assert all(r['train_seconds'] > 0 for r in rows if r['method'] != 'teacher_ensemble')
+  tmkd = next(r for r in rows if r['name'] == 'bert1_tmkd')
+  stage1 = json.loads((workdir / 'students' / 'bert1_tmkd_stage1' / 'model.json').read_text())
+  assert tmkd['pretrain_seconds'] == stage1['train_seconds'] > 0
   table = (workdir / 'results.md').read_text()
   assert 'bert1_tmkd' in table and 'speedup' in table and provenance['cpu_model'] in table
 
@@ -220,3 +225,17 @@ def test_exported_teacher_logits_replace_the_teachers(run_copy, xla_cache, tmp_p
   for name, row in after.items():
     for key in ('metrics', 'dev_metrics'):
       assert row[key] == before[name][key], (name, key)
+
+
+def test_teacher_diversity_is_computed_from_the_stored_logits(ci_tiny_run):
+  workdir, _ = ci_tiny_run
+  results = results_of(workdir)
+  store = data_lib.LogitStore(workdir / 'logits')
+  for split, dataset in (('dev', 'dev'), ('eval', 'eval')):
+    logits = []
+    for t in range(3):
+      part = workdir / 'logits' / f'teacher_{t}.{dataset}'
+      logits.append(store.read(part.name, json.loads((part / 'manifest.json').read_text())['manifest'])[0])
+    expected = metrics.teacher_diversity(np.stack(logits, axis=1))
+    assert results['teacher_diversity'][split] == pytest.approx(expected, abs=1e-12)
+    assert 0 < expected['symmetric_kl']
