@@ -70,13 +70,17 @@ def test_bert_matches_transformers(minilm_dir, minilm):
   hf = transformers.BertModel.from_pretrained(str(minilm_dir), attn_implementation='eager').eval()
   with torch.no_grad():
     ref = hf(**torch_inputs(torch, ids, types, mask), output_hidden_states=True, output_attentions=True)
-  assert np.abs(np.asarray(out['sequence']) - ref.last_hidden_state.numpy()).max() < 1e-4
-  assert np.abs(np.asarray(out['pooled']) - ref.pooler_output.numpy()).max() < 1e-4
+  # fp32 over 6 layers, two libraries' kernels: on an AMD EPYC (2026-12-02) states differ by up to 1.1e-4 and
+  # attention probabilities by 1.04e-5, on Intel by under 1e-4 and 1e-5; a wrong mask, scale or layer order is
+  # off by 1e-2 or more.
+  tol = 2e-4
+  assert np.abs(np.asarray(out['sequence']) - ref.last_hidden_state.numpy()).max() < tol
+  assert np.abs(np.asarray(out['pooled']) - ref.pooler_output.numpy()).max() < tol
   assert len(out['hidden_states']) == cfg.num_layers + 1
   for ours, theirs in zip(out['hidden_states'], ref.hidden_states, strict=True):
-    assert np.abs(np.asarray(ours) - theirs.numpy()).max() < 1e-4
+    assert np.abs(np.asarray(ours) - theirs.numpy()).max() < tol
   for ours, theirs in zip(out['attentions'], ref.attentions, strict=True):
-    assert np.abs(np.asarray(ours) - theirs.numpy()).max() < 1e-5
+    assert np.abs(np.asarray(ours) - theirs.numpy()).max() < tol / 10
 
 
 def test_count_params_matches_checkpoint(minilm_dir, minilm):
