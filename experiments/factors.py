@@ -18,6 +18,7 @@ teachers' diversity on dev, and against the reference variant the change of the 
 """
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -52,7 +53,7 @@ def parse_variants(specs):
   variants = []
   for spec in specs:
     name, sep, rest = spec.partition(':')
-    if not sep or not name or not name.replace('_', '').replace('-', '').replace('.', '').replace('=', '').isalnum():
+    if not sep or not re.fullmatch(r'[\w.=-]+', name):
       raise UserError(f'--variant={spec}: expected NAME:FLAGS with a name of letters, digits and _-.= '
                       '(e.g. --variant="alpha=0.2:--alpha=0.2")')
     variant_flags = rest.split()

@@ -191,8 +191,10 @@ def summarise(records, students):
                  for key in ('metrics', 'dev_metrics') if r[key] is not None}} for r in teachers]
   for arch in students:
     arch_records = records_of(records, arch)
+    if not arch_records:
+      continue
     runs_of = [{r['name']: r for r in record['rows']} for record in arch_records]
-    for name in [r['name'] for r in arch_records[0]['rows'] if r['student'] == arch] if arch_records else []:
+    for name in [r['name'] for r in arch_records[0]['rows'] if r['student'] == arch]:
       rows = [run[name] for run in runs_of]
       entry = {'name': name, 'method': rows[0]['method'], 'student': arch, 'seeds': len(rows)}
       for key in ('metrics', 'dev_metrics'):
