@@ -51,7 +51,7 @@ DEFAULT_PAIRS = ['mkdm:kd_single', 'mkdm:kd_ensemble', 'tmkd:mkdm', 'mkdm:studen
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('base_flagfile', None, 'run.py flagfile of every seed.')
-flags.DEFINE_string('workdir', None, 'Study folder: seed_<s>/ per seed, shared/ for the teachers.')
+flags.DEFINE_string('workdir', None, 'Study folder: <arch>/seed_<s>/ per run, shared/ for the teachers.')
 flags.DEFINE_list('seeds', ['0', '1', '2'], 'Student seeds (--student_seed of each run).')
 flags.DEFINE_string('metric', 'map', f'Per-question score of the paired tests and the plot, one of {METRICS}: '
                     'average precision (map) or reciprocal rank (mrr).')
