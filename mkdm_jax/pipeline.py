@@ -692,8 +692,7 @@ def _calibrated_logits(ctx, teacher):
 
 def word_overlap(ctx, teacher):
   """(text_a, text_b) -> word-overlap scores, IDF over the distinct passages of every set of the run."""
-  passages = [text for e in ctx.examples.values() for text in e.text_b]
-  return lambda text_a, text_b: teachers_lib.word_overlap_scores(text_a, text_b, teacher.source, passages)
+  return teachers_lib.word_overlap_scorer(teacher.source, [text for e in ctx.examples.values() for text in e.text_b])
 
 
 def biencoder(ctx, teacher):

@@ -209,11 +209,22 @@ def _words(text):
   return set(re.findall(r'\w+', text.lower())) - STOP_WORDS
 
 
-def word_overlap_scores(text_a, text_b, weight: str, passages) -> np.ndarray:
-  """Per pair: the question's distinct non-stop words found in the passage, counted (`count`) or weighted by
-  their IDF log(N / df) over the distinct `passages` and text_b (`idf`)."""
-  documents = set(passages) | set(text_b)
+def word_overlap_scorer(weight: str, passages):
+  """(text_a, text_b) -> per pair, the question's distinct non-stop words found in the passage, counted
+  (`count`) or weighted by their IDF log(N / df) over the distinct `passages` (`idf`; the table is built once
+  here). Passages of text_b missing from `passages` join the table on the call that scores them."""
+  documents = set(passages)
   frequency = collections.Counter(w for passage in documents for w in _words(passage))
-  n = len(documents)
-  value = (lambda w: 1.0) if weight == 'count' else (lambda w: math.log(n / frequency[w]))
-  return np.array([sum(value(w) for w in _words(a) & _words(b)) for a, b in zip(text_a, text_b)], np.float64)
+
+  def scores(text_a, text_b):
+    new = set(text_b) - documents
+    table = frequency + collections.Counter(w for passage in new for w in _words(passage)) if new else frequency
+    n = len(documents) + len(new)
+    value = (lambda w: 1.0) if weight == 'count' else (lambda w: math.log(n / table[w]))
+    return np.array([sum(value(w) for w in _words(a) & _words(b)) for a, b in zip(text_a, text_b)], np.float64)
+  return scores
+
+
+def word_overlap_scores(text_a, text_b, weight: str, passages) -> np.ndarray:
+  """Word-overlap scores of the pairs (see word_overlap_scorer), IDF over `passages` and text_b."""
+  return word_overlap_scorer(weight, passages)(text_a, text_b)
