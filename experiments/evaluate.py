@@ -10,12 +10,9 @@ stdout. `--task` defaults to the model's own task. map/mrr need question groups:
 without --group_col they are left out. A model folder saved by the pipeline holds a threshold tuned on
 its dev split; accuracy_at_threshold / f1_at_threshold use it.
 
-`--predictions=FILE` also writes one tab-separated row per pair, in input order, with the header
-`group  row  label  score  head_0 ... head_{H-1}`: the raw group id (empty without groups), the row key
-(`mkdm_jax.data.row_key` of the pair), the gold label (-1 when missing), and the positive-class
-probability of the combined prediction and of each head at full precision (class probabilities joined
-by commas for tasks with more than two classes). With --predictions, unlabelled files are allowed
-(no metrics are computed).
+`--predictions=FILE` also writes one tab-separated row per pair (the format of `mkdm_jax.predictions`,
+which `experiments/score.py` writes too). With --predictions, unlabelled files are allowed (no metrics
+are computed). To score a file too large for memory, use experiments/score.py.
 """
 import json
 import pathlib
@@ -31,12 +28,11 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from mkdm_jax import data as data_lib  # noqa: E402
-from mkdm_jax import models, saved_model, train  # noqa: E402
+from mkdm_jax import models, predictions, saved_model, train  # noqa: E402
 from mkdm_jax.errors import UserError  # noqa: E402
 from mkdm_jax.workdir import run_cli  # noqa: E402
 
 FILE_TASKS = ('tsv', 'jsonl')
-BUCKETS = (32, 64, 128)  # padded batch lengths; those above the model's max_length are dropped
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model', None, 'Saved model folder (a teacher or student folder of a work directory).')
@@ -77,22 +73,6 @@ def load_examples(task):
   return examples
 
 
-def write_predictions(path, examples, out):
-  """The --predictions TSV: group, row key, label, combined score and each head's score."""
-  probs = train.softmax(out['logits'])
-  heads = train.softmax(out['head_logits'])
-  score = lambda p: repr(float(p[1])) if len(p) == 2 else ','.join(repr(float(x)) for x in p)
-  names = examples.group_names
-  lines = ['\t'.join(['group', 'row', 'label', 'score'] + [f'head_{h}' for h in range(heads.shape[1])])]
-  for i in range(len(examples)):
-    group = names[examples.groups[i]] if names is not None else ''
-    lines.append('\t'.join([group, str(int(examples.ids[i])), str(int(examples.labels[i])), score(probs[i])]
-                           + [score(p) for p in heads[i]]))
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text('\n'.join(lines) + '\n')
-
-
 def main(argv):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {argv[1:]} (flags must start with --)')
@@ -107,14 +87,13 @@ def main(argv):
   examples = load_examples(task)
   encoded = data_lib.encode(models.load_tokenizer(spec['tokenizer_dir']), examples, spec['max_length'])
   model, params, _ = saved_model.load(FLAGS.model)
-  buckets = tuple(b for b in BUCKETS if b < spec['max_length']) + (spec['max_length'],)
   out = train.predict(model, params, encoded, mesh=train.make_mesh(), batch_size=FLAGS.batch_size,
-                      buckets=buckets)
+                      buckets=predictions.buckets_for(spec['max_length']))
   report = {'model': str(pathlib.Path(FLAGS.model).absolute()), 'task': task.name, 'data': examples.source,
             'rows': len(examples), 'labelled_rows': int((examples.labels >= 0).sum()),
             'skipped_rows': examples.skipped, 'threshold': spec.get('threshold')}
   if FLAGS.predictions:
-    write_predictions(FLAGS.predictions, examples, out)
+    predictions.write(FLAGS.predictions, examples, out)
     report['predictions'] = str(pathlib.Path(FLAGS.predictions).absolute())
   if (examples.labels >= 0).any():
     metric_names, _ = task.metrics_for(examples)

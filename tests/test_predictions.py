@@ -1,4 +1,5 @@
-"""experiments/evaluate.py --predictions: the per-pair TSV, checked against in-process predictions."""
+"""Prediction files of experiments/evaluate.py --predictions and experiments/score.py, checked against
+in-process predictions."""
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from mkdm_jax import data, metrics, models, saved_model, train
+from mkdm_jax import data, metrics, models, predictions, saved_model, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_BERT = models.BertConfig(hidden_size=32, num_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -126,3 +127,84 @@ def test_unlabelled_file_without_predictions_is_one_error_line(model_dir, tmp_pa
   assert 'Traceback' not in proc.stderr
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith('error: ') and '--label_col' in last and '--predictions' in last, last
+
+
+def score(*args):
+  return subprocess.run([sys.executable, str(REPO / 'experiments' / 'score.py'), '--noprogress', *args],
+                        capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS='cpu'), cwd=REPO,
+                        timeout=900)
+
+
+def test_score_command_writes_evaluate_predictions(model_dir, tmp_path):
+  """score.py, reading 5 rows at a time (the repeated row falls in a later chunk than its first
+  occurrence), writes the rows evaluate.py --predictions writes for the same file."""
+  pairs = write_pairs(tmp_path / 'pairs.tsv', labelled=True)
+  columns = ['--text_a_col=question', '--text_b_col=passage', '--label_col=gold', '--group_col=qid']
+  proc = evaluate(f'--model={model_dir}', '--task=tsv', f'--eval_file={pairs}', *columns,
+                  f'--predictions={tmp_path / "evaluate.tsv"}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = tmp_path / 'scored' / 'scores.tsv'
+  proc = score(f'--model={model_dir}', f'--input={pairs}', f'--output={out}', '--chunk_rows=5', *columns)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(proc.stdout)
+  assert report['rows'] == len(ROWS) and report['output'] == str(out.absolute())
+  header, rows = read_tsv(out)
+  expected_header, expected = read_tsv(tmp_path / 'evaluate.tsv')
+  assert header == expected_header
+  assert [r[:3] for r in rows] == [r[:3] for r in expected]  # group, row key (occurrences counted), label
+  np.testing.assert_allclose(np.array([r[3:] for r in rows], float), np.array([r[3:] for r in expected], float),
+                             atol=1e-6)
+  assert not out.with_name('scores.tsv.partial').exists()
+
+
+def test_score_stream_reads_bounded_chunks(model_dir, tmp_path, monkeypatch):
+  """An unlabelled JSON-lines file is scored chunk_rows rows at a time, never more, in input order."""
+  path = tmp_path / 'pairs.jsonl'
+  path.write_text(''.join(json.dumps({'q': q, 'p': p}) + '\n' for _, q, p, _ in ROWS))
+  sizes = []
+  real_predict = train.predict
+
+  def counting_predict(model, params, encoded, **kwargs):
+    sizes.append(len(encoded))
+    return real_predict(model, params, encoded, **kwargs)
+
+  monkeypatch.setattr(predictions.train, 'predict', counting_predict)
+  stream = data.readers.open_jsonl(path, text_a_col='q', text_b_col='p', label_names=['0', '1'])
+  out = tmp_path / 'scores.tsv'
+  assert predictions.score_stream(stream, model_dir, out, mesh=train.make_mesh(), chunk_rows=4,
+                                  progress=False) == len(ROWS)
+  assert sizes == [4, 4, 4, 1]
+  _, rows = read_tsv(out)
+  occurrences = [0] * (len(ROWS) - 1) + [1]
+  assert [int(r[1]) for r in rows] == [data.row_key(q, p, None, n) for (_, q, p, _), n in zip(ROWS, occurrences)]
+  assert [r[2] for r in rows] == ['-1'] * len(ROWS)
+  tsv = write_pairs(tmp_path / 'pairs.tsv', labelled=False)
+  monkeypatch.setattr(predictions.train, 'predict', real_predict)
+  expected = in_process(model_dir, tsv)
+  np.testing.assert_allclose([float(r[3]) for r in rows], train.softmax(expected['logits'])[:, 1], atol=1e-6)
+
+
+def test_score_bad_row_is_one_error_line_and_leaves_no_file(model_dir, tmp_path):
+  pairs = write_pairs(tmp_path / 'pairs.tsv', labelled=False)
+  lines = pairs.read_text().splitlines()
+  lines[4] = lines[4].split('\t')[0]  # line 5: one field instead of three
+  pairs.write_text('\n'.join(lines) + '\n')
+  out = tmp_path / 'scores.tsv'
+  proc = score(f'--model={model_dir}', f'--input={pairs}', f'--output={out}', '--text_a_col=question',
+               '--text_b_col=passage', '--chunk_rows=2')
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and f'{pairs}:5: expected 3 tab-separated fields, found 1' in last, last
+  assert not out.exists() and not out.with_name('scores.tsv.partial').exists()
+  # An existing output is kept unless --overwrite is given.
+  out.write_text('earlier results\n')
+  proc = score(f'--model={model_dir}', f'--input={pairs}', f'--output={out}', '--text_a_col=question',
+               '--text_b_col=passage', '--skip_bad_rows')
+  assert proc.returncode == 2 and '--overwrite' in proc.stderr.strip().splitlines()[-1], proc.stderr[-3000:]
+  assert out.read_text() == 'earlier results\n'
+  proc = score(f'--model={model_dir}', f'--input={pairs}', f'--output={out}', '--text_a_col=question',
+               '--text_b_col=passage', '--skip_bad_rows', '--overwrite')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads(proc.stdout)['skipped_rows'] == 1
+  assert len(read_tsv(out)[1]) == len(ROWS) - 1

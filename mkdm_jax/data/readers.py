@@ -10,9 +10,9 @@ File rules (both formats):
 TSV has no quoting (WikiQA sentences contain bare quotes): fields are split on every tab.
 Row ids are `row_key`s of the rows' texts and raw group, so they do not move when other rows are skipped.
 """
-import collections
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -54,14 +54,28 @@ def check_unique_ids(ids: np.ndarray, source: str):
                     "change one character of one of them")
 
 
+class RowKeyer:
+  """Gives each row of a file, in file order, its `row_key`, counting repeats of identical rows.
+
+  Rows are told apart by their occurrence-0 key (not their texts), so a stream of any length costs one
+  dict entry per distinct row; two different rows sharing a 64-bit key (odds about N^2 / 2^65) would be
+  numbered as repeats of one row instead of failing `check_unique_ids`.
+  """
+
+  def __init__(self):
+    self._counts = {}
+
+  def __call__(self, text_a: str, text_b: str, group: str | None) -> int:
+    first = row_key(text_a, text_b, group, 0)
+    occurrence = self._counts.get(first, 0)
+    self._counts[first] = occurrence + 1
+    return first if occurrence == 0 else row_key(text_a, text_b, group, occurrence)
+
+
 def row_keys(text_a: list[str], text_b: list[str], groups: list[str] | None, source: str) -> np.ndarray:
   """int64 [N] `row_key`s of rows in file order; `groups` holds each row's raw group, or is None."""
-  occurrences = collections.Counter()
-  keys = []
-  for row in zip(text_a, text_b, groups or [None] * len(text_a)):
-    keys.append(row_key(*row, occurrences[row]))
-    occurrences[row] += 1
-  ids = np.array(keys, dtype=np.int64)
+  keyer = RowKeyer()
+  ids = np.array([keyer(*row) for row in zip(text_a, text_b, groups or [None] * len(text_a))], dtype=np.int64)
   check_unique_ids(ids, source)
   return ids
 
@@ -142,19 +156,49 @@ def check_text(value, column) -> str:
   return check_unicode(value, column)
 
 
-def _read_lines(path: Path) -> tuple[list[bytes], str]:
-  """The file's lines without line ends or trailing blank lines, and its sha256."""
-  try:
-    data = path.read_bytes()
-  except OSError as e:
-    raise UserError(f"{path}: cannot read file: {e.strerror}") from e
-  lines = data.split(b"\n")
-  lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
-  while lines and not lines[-1].strip():
-    lines.pop()
-  if not lines:
-    raise UserError(f"{path}: file is empty")
-  return lines, hashlib.sha256(data).hexdigest()
+class _Lines:
+  """A file's numbered lines (without line ends), read one at a time, and the file's sha256.
+
+  Blank lines at the end of the file are dropped; a blank line before a row is yielded as it is (the row
+  parser rejects it). Memory is bounded by the longest run of blank lines, not the file size.
+  """
+
+  def __init__(self, path: Path):
+    self.path = path
+    try:
+      self._file = open(path, "rb")  # noqa: SIM115 (closed by sha256(), which every reader calls)
+    except OSError as e:
+      raise UserError(f"{path}: cannot read file: {e.strerror}") from e
+    self._hash = hashlib.sha256()
+    self._numbered = self._read()
+    self.first = next(self._numbered, None)
+    if self.first is None:
+      self._file.close()
+      raise UserError(f"{path}: file is empty")
+
+  def _read(self):
+    blanks = []
+    for lineno, line in enumerate(self._file, start=1):
+      self._hash.update(line)
+      line = line[:-1] if line.endswith(b"\n") else line
+      line = line[:-1] if line.endswith(b"\r") else line
+      if not line.strip():
+        blanks.append((lineno, line))
+        continue
+      yield from blanks
+      blanks = []
+      yield lineno, line
+
+  def __iter__(self):
+    """The lines after `first`."""
+    return self._numbered
+
+  def sha256(self) -> str:
+    """The whole file's sha256 (the unread rest is hashed too); closes the file."""
+    for chunk in iter(lambda: self._file.read(1 << 20), b""):
+      self._hash.update(chunk)
+    self._file.close()
+    return self._hash.hexdigest()
 
 
 def _decode(line: bytes, lineno: int) -> str:
@@ -164,12 +208,58 @@ def _decode(line: bytes, lineno: int) -> str:
     raise RowError(f"not valid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})") from None
 
 
-def _build(path, rows, file_sha, options, skipped, first_error) -> Examples:
-  """Examples from parsed rows [(text_a, text_b, label, group)]."""
-  if skipped:
-    _log.warning("%s: skipped %d malformed rows (first: %s)", path, skipped, first_error)
+class PairStream:
+  """The rows of a pair file, parsed as they are read: iterating yields (text_a, text_b, label, group).
+
+  Made by `open_tsv` / `open_jsonl`, which check the header (TSV) at once. A malformed row raises
+  `UserError` naming file and line, or with `skip_bad_rows` is counted in `skipped` (`first_error` holds the
+  first). `labelled` / `grouped` say whether rows carry labels / raw group ids (-1 / None otherwise);
+  `options` are the read options that, with the file's hash, make the rows' fingerprint.
+  """
+
+  def __init__(self, lines: _Lines, data_lines, parse_row, *, options, labelled, grouped, skip_bad_rows):
+    self.path = lines.path
+    self.options = options
+    self.labelled = labelled
+    self.grouped = grouped
+    self.skipped = 0
+    self.first_error = None
+    self._lines = lines
+    self._data_lines = data_lines
+    self._parse_row = parse_row
+    self._skip_bad_rows = skip_bad_rows
+
+  def __iter__(self):
+    for lineno, raw in self._data_lines:
+      try:
+        if not raw.strip():
+          raise RowError("blank line before the end of the file")
+        row = self._parse_row(_decode(raw, lineno))
+      except RowError as e:
+        if not self._skip_bad_rows:
+          raise UserError(f"{self.path}:{lineno}: {e}") from None
+        self.skipped += 1
+        self.first_error = self.first_error or f"line {lineno}: {e}"
+        continue
+      yield row
+
+  def file_sha256(self) -> str:
+    """The whole file's sha256 (call once, after reading the rows you need)."""
+    return self._lines.sha256()
+
+  def warn_skipped(self):
+    """Logs the count of skipped rows and the first one's problem (once, at the end of a read)."""
+    if self.skipped:
+      _log.warning("%s: skipped %d malformed rows (first: %s)", self.path, self.skipped, self.first_error)
+
+
+def _build(stream: PairStream, rows, max_rows, whole_groups) -> Examples:
+  """Examples from a stream's parsed rows [(text_a, text_b, label, group)]."""
+  stream.warn_skipped()
+  path = stream.path
   if not rows:
-    raise UserError(f"{path}: no valid data rows" + (f" ({skipped} malformed rows skipped)" if skipped else ""))
+    raise UserError(f"{path}: no valid data rows" +
+                    (f" ({stream.skipped} malformed rows skipped)" if stream.skipped else ""))
   text_a, text_b, labels, groups = (list(column) for column in zip(*rows))
   if groups[0] is None:
     groups = codes = names = None
@@ -178,54 +268,45 @@ def _build(path, rows, file_sha, options, skipped, first_error) -> Examples:
     codes = np.array([index.setdefault(g, len(index)) for g in groups], dtype=np.int64)
     names = list(index)
   ids = row_keys(text_a, text_b, groups, str(path))
-  fingerprint = hashlib.sha256((file_sha + json.dumps(dict(options, ids=ID_SCHEME), sort_keys=True)).encode())
+  options = dict(stream.options, max_rows=max_rows, whole_groups=whole_groups, ids=ID_SCHEME)
+  fingerprint = hashlib.sha256((stream.file_sha256() + json.dumps(options, sort_keys=True)).encode())
   return Examples(text_a, text_b, np.array(labels, dtype=np.int32), codes, ids, str(path),
-                  fingerprint.hexdigest(), skipped, names)
+                  fingerprint.hexdigest(), stream.skipped, names)
 
 
-def _collect(path, lines, parse_row, *, skip_bad_rows, max_rows, whole_groups):
-  """Parses numbered lines with `parse_row`, handling skipping and `max_rows`."""
+def _collect(stream: PairStream, *, max_rows, whole_groups) -> Examples:
+  """The stream's rows in memory, the first `max_rows` of them when given (with `whole_groups`, rounded
+  up to the end of the last group so that no group is cut)."""
   if max_rows is not None and max_rows < 1:
     raise UserError(f"max_rows must be at least 1, got {max_rows}")
-  rows, skipped, first_error = [], 0, None
-  for lineno, raw in lines:
-    full = max_rows is not None and len(rows) >= max_rows
-    if full and not whole_groups:
-      break
-    try:
-      if not raw.strip():
-        raise RowError("blank line before the end of the file")
-      row = parse_row(_decode(raw, lineno))
-    except RowError as e:
-      if not skip_bad_rows:
-        raise UserError(f"{path}:{lineno}: {e}") from None
-      skipped += 1
-      first_error = first_error or f"line {lineno}: {e}"
-      continue
+  rows, full, keep_group = [], False, whole_groups and stream.grouped
+  for row in stream:
     if full and row[3] != rows[-1][3]:
       break  # whole_groups: the last group is complete.
     rows.append(row)
-  return rows, skipped, first_error
+    full = max_rows is not None and len(rows) >= max_rows
+    if full and not keep_group:
+      break  # rows after the last one kept are not read (nor checked)
+  return _build(stream, rows, max_rows, whole_groups)
 
 
-def _first_line(path, lines) -> str:
+def _first_line(lines: _Lines) -> str:
   try:
-    return _decode(lines[0], 1)
+    return _decode(lines.first[1], 1)
   except RowError as e:
-    raise UserError(f"{path}:1: {e}") from None
+    raise UserError(f"{lines.path}:1: {e}") from None
 
 
 def _is_index(col) -> bool:
   return isinstance(col, int) or (isinstance(col, str) and col.isascii() and col.isdigit())
 
 
-def read_tsv(path, *, text_a_col, text_b_col, label_col=None, group_col=None, label_names,
-             optional_label=False, skip_bad_rows=False, max_rows=None, whole_groups=False) -> Examples:
-  """Reads a TSV file of pairs.
+def open_tsv(path, *, text_a_col, text_b_col, label_col=None, group_col=None, label_names,
+             optional_label=False, skip_bad_rows=False) -> PairStream:
+  """A `PairStream` of a TSV file of pairs.
 
   Columns are header names, or integer indices (ints or digit strings) for a file without a header.
   `label_col=None` gives unlabelled rows (-1); so does a missing label column when `optional_label`.
-  `whole_groups`: `max_rows` is rounded up to the end of the last group, so no group is cut.
   """
   path = Path(path)
   cols = [c for c in (text_a_col, text_b_col, label_col, group_col) if c is not None]
@@ -234,18 +315,21 @@ def read_tsv(path, *, text_a_col, text_b_col, label_col=None, group_col=None, la
   indexed = [_is_index(c) for c in cols]
   if any(indexed) and not all(indexed):
     raise UserError(f"{path}: columns must be all header names or all integer indices, got {cols}")
-  lines, file_sha = _read_lines(path)
+  lines = _Lines(path)
+  first = _first_line(lines)
   if all(indexed):  # No header: the first row sets the field count.
-    numbered = list(enumerate(lines, start=1))
-    width = len(_first_line(path, lines).split("\t"))
+    data_lines = itertools.chain([lines.first], lines)
+    width = len(first.split("\t"))
     positions = [int(c) for c in cols]
     if max(positions) >= width:
       raise UserError(f"{path}:1: column index {max(positions)} out of range for rows of {width} fields")
   else:
-    numbered = list(enumerate(lines, start=1))[1:]
-    header = _first_line(path, lines).split("\t")
-    if not numbered:
+    data_lines = iter(lines)
+    header = first.split("\t")
+    second = next(data_lines, None)
+    if second is None:
       raise UserError(f"{path}: has a header line but no data rows")
+    data_lines = itertools.chain([second], data_lines)
     if optional_label and label_col not in header:
       label_col = None
       cols = [c for c in (text_a_col, text_b_col, group_col) if c is not None]
@@ -268,20 +352,18 @@ def read_tsv(path, *, text_a_col, text_b_col, label_col=None, group_col=None, la
     group = check_text(values[-1], names[-1]) if has_group else None
     return a, b, label, group
 
-  rows, skipped, first_error = _collect(path, numbered, parse_row, skip_bad_rows=skip_bad_rows,
-                                        max_rows=max_rows, whole_groups=whole_groups and has_group)
-  options = dict(format="tsv", columns=names, labelled=has_label, label_names=label_names,
-                 max_rows=max_rows, whole_groups=whole_groups)
-  return _build(path, rows, file_sha, options, skipped, first_error)
+  options = dict(format="tsv", columns=names, labelled=has_label, label_names=label_names)
+  return PairStream(lines, data_lines, parse_row, options=options, labelled=has_label, grouped=has_group,
+                    skip_bad_rows=skip_bad_rows)
 
 
-def read_jsonl(path, *, text_a_col, text_b_col, label_col=None, group_col=None, label_names,
-               skip_bad_rows=False, max_rows=None, whole_groups=False) -> Examples:
-  """Reads a JSON-lines file: one object per line with the given keys (labels as names or ints)."""
+def open_jsonl(path, *, text_a_col, text_b_col, label_col=None, group_col=None, label_names,
+               skip_bad_rows=False) -> PairStream:
+  """A `PairStream` of a JSON-lines file: one object per line with the given keys (labels as names or ints)."""
   path = Path(path)
   if text_a_col is None or text_b_col is None:
     raise UserError(f"{path}: give both text keys (text_a_col and text_b_col)")
-  lines, file_sha = _read_lines(path)
+  lines = _Lines(path)
 
   def parse_row(line):
     try:
@@ -306,8 +388,21 @@ def read_jsonl(path, *, text_a_col, text_b_col, label_col=None, group_col=None, 
       group = check_unicode(str(group), group_col)
     return a, b, label, group
 
-  rows, skipped, first_error = _collect(path, enumerate(lines, start=1), parse_row, skip_bad_rows=skip_bad_rows,
-                                        max_rows=max_rows, whole_groups=whole_groups and group_col is not None)
-  options = dict(format="jsonl", columns=[text_a_col, text_b_col, label_col, group_col],
-                 label_names=label_names, max_rows=max_rows, whole_groups=whole_groups)
-  return _build(path, rows, file_sha, options, skipped, first_error)
+  options = dict(format="jsonl", columns=[text_a_col, text_b_col, label_col, group_col], label_names=label_names)
+  return PairStream(lines, itertools.chain([lines.first], lines), parse_row, options=options,
+                    labelled=label_col is not None, grouped=group_col is not None, skip_bad_rows=skip_bad_rows)
+
+
+def read_tsv(path, *, label_names, optional_label=False, skip_bad_rows=False, max_rows=None, whole_groups=False,
+             **columns) -> Examples:
+  """A TSV file of pairs in memory (`open_tsv`'s rows); `max_rows` keeps the first rows (with
+  `whole_groups`, rounded up to the end of the last group, so no group is cut)."""
+  stream = open_tsv(path, **columns, label_names=label_names, optional_label=optional_label,
+                    skip_bad_rows=skip_bad_rows)
+  return _collect(stream, max_rows=max_rows, whole_groups=whole_groups)
+
+
+def read_jsonl(path, *, label_names, skip_bad_rows=False, max_rows=None, whole_groups=False, **columns) -> Examples:
+  """A JSON-lines file of pairs in memory (`open_jsonl`'s rows); `max_rows` as in `read_tsv`."""
+  stream = open_jsonl(path, **columns, label_names=label_names, skip_bad_rows=skip_bad_rows)
+  return _collect(stream, max_rows=max_rows, whole_groups=whole_groups)
