@@ -6,14 +6,16 @@ order with the same generator. Only the last window can leave one partial batch.
 batches follow file order. Every batch's sequence axis is padded to the smallest bucket holding its
 longest row (buckets above max_length are dropped; max_length is always the last bucket).
 """
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from mkdm_jax.data.tokenize import Encoded
 
+if TYPE_CHECKING:
+  from mkdm_jax.data.corpus import CorpusRows
+
 WINDOW_BATCHES = 50
-_TOKEN_KEYS = ("input_ids", "token_type_ids", "attention_mask")
 
 
 def num_batches(encoded: Encoded, batch_size: int, drop_remainder: bool = False) -> int:
@@ -48,7 +50,7 @@ def bucket_sizes(buckets, max_length: int) -> list[int]:
   return sorted({b for b in buckets if b < max_length}) + [max_length]
 
 
-def batches(encoded: Encoded, batch_size: int, *, seed: int, epoch: int, shuffle: bool = True,
+def batches(encoded: "Encoded | CorpusRows", batch_size: int, *, seed: int, epoch: int, shuffle: bool = True,
             buckets=(32, 64, 128), start_batch: int = 0, process_index: int = 0, process_count: int = 1,
             drop_remainder: bool = False, extra=None) -> Iterator[dict[str, np.ndarray]]:
   """Yields this process's slice of each global batch of `batch_size` rows.
@@ -76,7 +78,7 @@ def batches(encoded: Encoded, batch_size: int, *, seed: int, epoch: int, shuffle
     length = sizes[np.searchsorted(sizes, encoded.lengths[rows].max())]
     full = np.concatenate([rows, np.full(batch_size - real, rows[0])])[lo:hi]
     is_real = np.arange(lo, hi) < real
-    batch = {k: getattr(encoded, k)[full, :length] for k in _TOKEN_KEYS}
+    batch = encoded.tokens(full, length)
     batch["labels"] = np.where(is_real, encoded.labels[full], -1).astype(np.int32)
     batch["weight"] = is_real.astype(np.float32)
     batch["ids"] = np.where(is_real, encoded.ids[full], -1).astype(np.int64)

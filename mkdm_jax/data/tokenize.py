@@ -11,6 +11,7 @@ import tokenizers
 from mkdm_jax.data.readers import Examples
 from mkdm_jax.errors import UserError
 
+_TOKEN_KEYS = ("input_ids", "token_type_ids", "attention_mask")
 _ARRAYS = ("input_ids", "token_type_ids", "attention_mask", "lengths", "labels", "ids")
 
 
@@ -33,12 +34,21 @@ class Encoded:
   def max_length(self) -> int:
     return self.input_ids.shape[1]
 
+  def tokens(self, rows, length: int) -> dict[str, np.ndarray]:
+    """input_ids, token_type_ids, attention_mask of the rows at positions `rows`, cut to `length`."""
+    return {k: getattr(self, k)[rows, :length] for k in _TOKEN_KEYS}
+
   def select(self, indices) -> "Encoded":
     """Rows at `indices` (positions)."""
     idx = np.asarray(indices, dtype=np.int64)
     arrays = {k: getattr(self, k)[idx] for k in _ARRAYS}
     return Encoded(**arrays, groups=None if self.groups is None else self.groups[idx],
                    fingerprint=hashlib.sha256(self.fingerprint.encode() + idx.tobytes()).hexdigest())
+
+
+def tokenizer_fingerprint(tokenizer: tokenizers.Tokenizer) -> str:
+  """sha256 of the tokenizer's full configuration (vocabulary, normalisation, special tokens)."""
+  return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
 
 
 def _configured_copy(tokenizer: tokenizers.Tokenizer, max_length: int) -> tokenizers.Tokenizer:
