@@ -33,6 +33,10 @@ flags.DEFINE_enum('malloc', 'keep', ['keep', 'default'],
                   "Host allocator: 'keep' tells glibc to keep freed memory (no page faults on every step's "
                   "buffers: a MiniLM train step on a 2-core CPU ran 25% faster; the process keeps its peak "
                   "heap); 'default' leaves glibc as it is.")
+flags.DEFINE_string('coordinator_address', None, 'With --distributed: HOST:PORT of process 0 (default: '
+                    'auto-detected on TPU pods, SLURM and the other clusters jax.distributed knows).')
+flags.DEFINE_integer('num_processes', None, 'With --distributed: how many processes join (default: auto-detected).')
+flags.DEFINE_integer('process_id', None, "With --distributed: this process's index (default: auto-detected).")
 flags.DEFINE_string('export_teacher_logits', None,
                     'After the stages, write every teacher\'s stored logits to DIR/teacher_<i>.tsv.gz: files that '
                     'later runs read as --teacher_checkpoints=scores:FILE, without the teachers\' weights.')
@@ -70,9 +74,14 @@ def main(argv):
     else:
       logging.warning('--malloc=keep needs glibc; using the default allocator')
   cfg = pipeline.config_from_strings({f.name: FLAGS[f.name].value for f in dataclasses.fields(pipeline.Config)})
+  cluster = dict(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+                 process_id=FLAGS.process_id)
+  if not cfg.distributed and any(v is not None for v in cluster.values()):
+    raise UserError(f'--{"/--".join(k for k, v in cluster.items() if v is not None)} apply to multi-process runs: '
+                    'add --distributed')
+  if cfg.distributed:  # before anything asks JAX for its devices (validate does)
+    jax.distributed.initialize(**cluster)
   pipeline.validate(cfg)  # before anything is created (pipeline.run checks again)
-  if cfg.distributed:
-    jax.distributed.initialize()
   workdir = pathlib.Path(cfg.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   with WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():

@@ -159,6 +159,7 @@ SETTINGS = {
     'ensemble_target': Setting('students', methods=('kd_ensemble',)),
     'unlabelled_extra': Setting('students', methods=_TMKD),
     'unlabelled_splits': Setting('students', methods=_TMKD),
+    'unlabelled_corpus': Setting('students', methods=_TMKD),
     'pretrain_epochs': Setting('students', methods=_TMKD),
     # Evaluation only.
     **dict.fromkeys(('eval_split', 'eval_batch_size', 'speed_rows', 'speed_repeats'), _EVAL),

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mkdm_jax import data as data_lib
-from mkdm_jax import distill, losses, provenance, saved_model, train
+from mkdm_jax import distill, losses, predictions, provenance, saved_model, train
 from mkdm_jax import teachers as teachers_lib
 from mkdm_jax import metrics as metrics_lib
 from mkdm_jax.errors import UserError
@@ -72,6 +72,9 @@ class Config:
   unlabelled_extra: int = _setting(0, 'Extra synthetic question-passage pairs for TMKD stage 1.')
   unlabelled_splits: tuple[str, ...] = _setting((), "More TMKD stage-1 pairs: TASK:SPLIT of a registered task "
                                                 "(e.g. qnli:dev, wikiqa:train), labels dropped, each pair once.")
+  unlabelled_corpus: str = _setting('', 'A prepared corpus folder (experiments/prepare.py) streamed from disk as '
+                                    'the TMKD stage-1 pairs, instead of the in-memory set of --unlabelled_extra / '
+                                    '--unlabelled_splits: memory does not grow with the corpus.')
   data_seed: int = _setting(0, 'Seed of the negative subsample and the synthetic unlabelled pairs.')
   skip_bad_rows: bool = _setting(False, 'Skip malformed rows (counted) instead of failing.')
   max_length: int = _setting(128, 'Maximum tokens per pair (longest-first truncation).')
@@ -277,6 +280,15 @@ def validate(cfg: Config):
        '--ensemble_target=logits for kd_ensemble with --soft_loss=mse'),
       (not cfg.unlabelled_splits or 'tmkd' in methods,
        f'--unlabelled_splits={",".join(cfg.unlabelled_splits)} adds TMKD stage-1 pairs, and --methods has no tmkd'),
+      (not cfg.unlabelled_corpus or 'tmkd' in methods,
+       f'--unlabelled_corpus={cfg.unlabelled_corpus} holds TMKD stage-1 pairs, and --methods has no tmkd'),
+      (not cfg.unlabelled_corpus or not (cfg.unlabelled_extra or cfg.unlabelled_splits),
+       '--unlabelled_corpus replaces the in-memory stage-1 set: drop --unlabelled_extra and --unlabelled_splits '
+       '(prepare those pairs into the corpus instead)'),
+      (not cfg.unlabelled_corpus or all(teachers_lib.parse_spec(distill.per_teacher(cfg.teacher_checkpoints, i))[0]
+                                        == 'checkpoint' for i in range(cfg.num_teachers)),
+       '--unlabelled_corpus is scored by fine-tuned checkpoint teachers; scores:, biencoder: and overlap: '
+       'teachers cannot label a prepared corpus'),
       # Head combination.
       (cfg.head_combine == 'mean' or (multi_head and cfg.num_teachers > 1),
        '--head_combine=learned needs a student with several heads: --methods with mkdm or tmkd and '
@@ -399,8 +411,11 @@ class Context:
   encodings: dict = dataclasses.field(default_factory=dict)  # (tokenizer dir, dataset) -> Encoded
 
   def encoded(self, tokenizer_dir, dataset):
-    """`dataset` encoded with a model's tokenizer (once per tokenizer; cached on disk too)."""
+    """`dataset` encoded with a model's tokenizer (once per tokenizer; cached on disk too); with
+    --unlabelled_corpus, 'unlabelled' is the corpus's `CorpusRows` (streamed)."""
     key = (str(tokenizer_dir), dataset)
+    if key not in self.encodings and dataset == 'unlabelled' and self.cfg.unlabelled_corpus:
+      self.encodings[key] = corpus_rows(self.cfg, load_tokenizer(tokenizer_dir))
     if key not in self.encodings:
       self.encodings[key] = data_lib.encode(load_tokenizer(tokenizer_dir), self.examples[dataset],
                                             self.cfg.max_length, cache_dir=self.shared / 'cache' / 'tokens')
@@ -411,6 +426,26 @@ class Context:
 
   def student_tokenizer_dir(self, arch):
     return tokenizer_dir_of(self.cfg, distill.student_checkpoint(self.cfg.student_checkpoint, arch))
+
+
+def corpus_rows(cfg: Config, tokenizer):
+  """The --unlabelled_corpus encoded with `tokenizer` (each process encodes its share of missing shards)."""
+  index, count = jax.process_index(), jax.process_count()
+  shards = data_lib.corpus.read_manifest(cfg.unlabelled_corpus)['shards']
+  data_lib.corpus.encode_corpus(cfg.unlabelled_corpus, tokenizer, cfg.max_length, shards=range(index, shards, count),
+                                finish=False, progress=cfg.progress)
+  sync_processes('corpus encoded')
+  if index == 0:
+    data_lib.corpus.encode_corpus(cfg.unlabelled_corpus, tokenizer, cfg.max_length, shards=(), progress=False)
+  sync_processes('corpus encoding finished')
+  return data_lib.corpus.CorpusRows(cfg.unlabelled_corpus, tokenizer, cfg.max_length)
+
+
+def sync_processes(name):
+  """Waits for every process to get here (nothing to wait for in a single process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def teachers_of(cfg: Config, shared: pathlib.Path) -> tuple[Teacher, ...]:
@@ -469,7 +504,7 @@ def load_examples(cfg: Config, task):
         train.groups, metrics_lib.evaluated_groups(train.labels, train.groups))))
   if cfg.negatives_per_positive:
     examples['train'] = subsample_negatives(examples['train'], cfg.negatives_per_positive, cfg.data_seed)
-  if 'tmkd' in cfg.methods:
+  if 'tmkd' in cfg.methods and not cfg.unlabelled_corpus:  # a corpus is streamed (Context.encoded)
     examples['unlabelled'] = data_lib.add_unlabelled_rows(
         data_lib.make_unlabelled_pairs(examples['train'], cfg.unlabelled_extra, cfg.data_seed),
         [load_unlabelled_split(cfg, spec) for spec in cfg.unlabelled_splits])
@@ -630,20 +665,41 @@ def store_manifest(ctx, teacher, dataset):
 
 def stage_logits(ctx: Context):
   """Every teacher's logits on every dataset, stored by row key (a row shared by several sets, e.g. TMKD's
-  unlabelled set and train, is predicted once)."""
+  unlabelled set and train, is predicted once); a prepared --unlabelled_corpus is scored shard by shard."""
   store = data_lib.LogitStore(ctx.shared / 'logits')
   for teacher in ctx.teachers:
     todo = [d for d in ctx.examples if not store.has(f'{teacher.name}.{d}', store_manifest(ctx, teacher, d))]
-    if not todo:
-      continue
-    if teacher.kind == 'checkpoint':
+    if todo and teacher.kind == 'checkpoint':
       logits = _predicted_logits(ctx, store, teacher, todo)
-    else:
+    elif todo:
       logits = _calibrated_logits(ctx, teacher)
-    if jax.process_index() == 0:
+    if todo and jax.process_index() == 0:
       for dataset in todo:
         store.write(f'{teacher.name}.{dataset}', logits[dataset], ctx.examples[dataset].ids,
                     store_manifest(ctx, teacher, dataset))
+    if ctx.cfg.unlabelled_corpus:
+      _score_corpus(ctx, store, teacher)
+
+
+def corpus_manifest(ctx, teacher, rows):
+  return {'teacher': teacher_fingerprint(ctx, teacher), 'data': rows.fingerprint, 'max_length': ctx.cfg.max_length}
+
+
+def _score_corpus(ctx, store, teacher):
+  """The teacher's logits on the prepared corpus, shard by shard: each process scores its own shards (s = its
+  index mod the process count) on its own devices and writes them to the store; finished shards are kept."""
+  rows = ctx.encoded(teacher.tokenizer_dir, 'unlabelled')
+  name, manifest, count = f'{teacher.name}.corpus', corpus_manifest(ctx, teacher, rows), len(rows.shard_rows)
+  # Every process sees the same missing shards (the store is on a shared file system), so all of them load
+  # the teacher together (a multi-process load synchronises) or none does.
+  missing = [s for s in range(count) if not store.has_shard(name, manifest, s, count)]
+  todo = [s for s in missing if s % jax.process_count() == jax.process_index()]
+  if missing:
+    model, params, _ = saved_model.load(teacher.directory)
+    predictions.score_corpus(model, params, rows, store, name, manifest, todo, batch_size=ctx.cfg.eval_batch_size,
+                             buckets=ctx.buckets, progress=ctx.cfg.progress)
+    log.info('%s: scored %d of %d corpus shards in this process', teacher.name, len(todo), count)
+  sync_processes(f'{name} scored')
 
 
 def _predicted_logits(ctx, store, teacher, todo):
@@ -709,6 +765,8 @@ def teacher_logits(ctx: Context, dataset, indices=None):
   """[N, T, C] logits of the chosen teachers (default all) on `dataset`, read from the store by row key."""
   store = data_lib.LogitStore(ctx.shared / 'logits')
   chosen = [ctx.teachers[i] for i in (range(len(ctx.teachers)) if indices is None else indices)]
+  if dataset == 'unlabelled' and ctx.cfg.unlabelled_corpus:
+    return corpus_teacher_logits(ctx, store, chosen)
   stacked = []
   for teacher in chosen:
     name, manifest = f'{teacher.name}.{dataset}', store_manifest(ctx, teacher, dataset)
@@ -716,6 +774,23 @@ def teacher_logits(ctx: Context, dataset, indices=None):
       raise UserError(f'teacher logits {name} are missing or stale: run the logits stage')
     stacked.append(store.read_rows(name, manifest, ctx.examples[dataset].ids))
   return np.stack(stacked, axis=1)
+
+
+def corpus_teacher_logits(ctx: Context, store, chosen):
+  """[N, T, C] logits of the chosen teachers on the prepared corpus, memory-mapped from the store's shards
+  (each shard's row keys checked against the corpus's)."""
+  per_teacher = []
+  for teacher in chosen:
+    rows = ctx.encoded(teacher.tokenizer_dir, 'unlabelled')
+    name, manifest = f'{teacher.name}.corpus', corpus_manifest(ctx, teacher, rows)
+    shards = store.read_shards(name, manifest)
+    starts = np.cumsum([0] + rows.shard_rows)
+    for s, (_, ids) in enumerate(shards):
+      if len(ids) != rows.shard_rows[s] or not np.array_equal(ids, rows.ids[starts[s]:starts[s + 1]]):
+        raise data_lib.StaleStoreError(f'{store.root / name}: shard {s} holds other rows than the corpus; '
+                                       'rerun the logits stage')
+    per_teacher.append([logits for logits, _ in shards])
+  return data_lib.corpus.CorpusLogits(per_teacher, rows.shard_rows)
 
 
 def export_teacher_logits(ctx: Context, out_dir) -> list[pathlib.Path]:

@@ -1,4 +1,7 @@
-"""Per-pair prediction files, written by `experiments/evaluate.py --predictions` and `experiments/score.py`.
+"""Model outputs written to files: per-pair prediction files (`experiments/evaluate.py --predictions`,
+`experiments/score.py`) and a teacher's logits on a prepared corpus, shard by shard (`score_corpus`).
+
+Prediction files:
 
 One tab-separated row per pair, in input order, under the header `group  row  label  score  head_0 ...
 head_{H-1}`: the raw group id (empty without groups), the row key (`mkdm_jax.data.row_key` of the pair), the
@@ -94,3 +97,15 @@ def score_stream(stream, model_dir, output, *, mesh, batch_size=128, chunk_rows=
   os.replace(partial, output)
   return total
 
+
+
+def score_corpus(model, params, rows, store, name, manifest, shards, *, batch_size=128, buckets=BUCKETS,
+                 progress=True):
+  """Writes the model's logits on each of `shards` of a prepared corpus (`data.corpus.CorpusRows`) to the
+  logit store as shard s of `name`, on this process's devices alone (a process scores its own shards)."""
+  mesh = train.sharding.local_mesh()
+  count = len(rows.shard_rows)
+  for shard in tqdm(shards, desc=f'{name} on {rows.corpus_dir.name}', unit=' shards', disable=not progress):
+    encoded = rows.shard_encoded(shard)
+    out = train.predict(model, params, encoded, mesh=mesh, batch_size=batch_size, buckets=buckets)
+    store.write(name, out['logits'], encoded.ids, manifest, shard=shard, num_shards=count)

@@ -57,3 +57,25 @@ def test_speed_quick(tmp_path):
   assert result['mpnet3_flop_ratio'] > 1 and set(mpnet['student_speedup']) == {'mpnet3'}
   padded = result['bucketing']['all_train_padded_tokens']
   assert padded['fixed'] >= padded['bucketed'] >= padded['real'] > 0
+
+
+def test_scale_smoke(tmp_path):
+  """benchmarks/scale.py at toy sizes: every stage runs in its own process and the JSON has the documented
+  keys, one value per size; checks the report, never the speed or memory goals."""
+  out = tmp_path / 'scale.json'
+  proc = subprocess.run([sys.executable, str(SPEED.parent / 'scale.py'), '--pairs=300,500', '--rows_per_shard=200',
+                         '--train_steps=60', '--memory_rows=300', f'--workdir={tmp_path / "work"}', f'--out={out}'],
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result['pairs'] == [300, 500]
+  for key in ('peak_rss_mb', 'examples_per_sec'):
+    assert set(result[key]) == {'prepare', 'score', 'train'}
+    for values in result[key].values():
+      assert len(values) == 2 and all(positive(v) for v in values), (key, values)
+  for kind in ('text', 'encoding', 'logits'):
+    assert len(result['disk_bytes_per_pair'][kind]) == 2 and all(positive(v) for v in result['disk_bytes_per_pair'][kind])
+  # 2 float32 logits a pair, plus 8 bytes of row key, plus .npy headers and manifests.
+  assert 16 < result['disk_bytes_per_pair']['logits'][1] < 40
+  assert len(result['train_stream_vs_memory']) == 2 and all(positive(r) for r in result['train_stream_vs_memory'])
+  assert result['machine']['cpu_model']

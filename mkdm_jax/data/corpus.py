@@ -213,8 +213,13 @@ def _text_records(text_dir: Path, shard: int) -> list[list]:
   return [json.loads(r) for r in source.__getitems__(range(len(source)))]
 
 
-def encode_corpus(corpus_dir, tokenizer, max_length: int, *, progress=True) -> Path:
-  """Adds (or completes) the corpus's encoding for `tokenizer` at `max_length`; returns its folder."""
+def encode_corpus(corpus_dir, tokenizer, max_length: int, *, shards=None, finish=True, progress=True) -> Path:
+  """Adds (or completes) the corpus's encoding for `tokenizer` at `max_length`; returns its folder.
+
+  `shards`: which shards to encode when missing (default all; processes pass their own, e.g. range(p, S, n)).
+  `finish`: then write the encoding's manifest, which needs every shard (one process does this after all
+  have encoded theirs).
+  """
   corpus_dir = Path(corpus_dir)
   manifest = read_manifest(corpus_dir)
   key = encoding_key(tokenizer, max_length)
@@ -222,24 +227,52 @@ def encode_corpus(corpus_dir, tokenizer, max_length: int, *, progress=True) -> P
   if (enc_dir / MANIFEST).is_file():
     return enc_dir
   enc_dir.mkdir(exist_ok=True)
-  dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.int32
-  done = _finished_shards(enc_dir, '.lengths.npy')
-  for shard in tqdm(range(done, manifest['shards']), desc=f'encode {corpus_dir.name}', unit=' shards',
-                    disable=not progress):
+  dtype = np.dtype(np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.int32)
+  lengths_file = lambda shard: enc_dir / f'{_shard_name(shard)}.lengths.npy'
+  todo = [s for s in (range(manifest['shards']) if shards is None else shards) if not lengths_file(s).is_file()]
+  for shard in tqdm(todo, desc=f'encode {corpus_dir.name}', unit=' shards', disable=not progress):
     rows = _text_records(corpus_dir / 'text', shard)
     examples = readers.Examples([r[0] for r in rows], [r[1] for r in rows], np.array([r[2] for r in rows], np.int32),
                                 None, np.array([r[4] for r in rows], np.int64), str(corpus_dir),
                                 fingerprint=f'{key}:{shard}')
     encoded = encode(tokenizer, examples, max_length)
-    name = _shard_name(shard)
-    _write_records(enc_dir / f'{name}.array_record',
-                   (np.concatenate([encoded.input_ids[i, :n].astype(np.dtype(dtype).newbyteorder('<')).view(np.uint8),
+    _write_records(enc_dir / f'{_shard_name(shard)}.array_record',
+                   (np.concatenate([encoded.input_ids[i, :n].astype(dtype.newbyteorder('<')).view(np.uint8),
                                     encoded.token_type_ids[i, :n].astype(np.uint8)]).tobytes()
                     for i, n in enumerate(encoded.lengths)))
-    _write_npy(enc_dir / f'{name}.lengths.npy', encoded.lengths.astype(np.int32))
-  _write_json(enc_dir / MANIFEST, {'tokenizer': tokenizer_fingerprint(tokenizer), 'max_length': max_length,
-                                   'dtype': np.dtype(dtype).name, 'shards': manifest['shards']})
+    _write_npy(lengths_file(shard), encoded.lengths.astype(np.int32))  # last: marks the shard complete
+  if finish:
+    missing = [s for s in range(manifest['shards']) if not lengths_file(s).is_file()]
+    if missing:
+      raise UserError(f'{enc_dir}: shards {missing[:5]} are not encoded yet (another process still working?)')
+    _write_json(enc_dir / MANIFEST, {'tokenizer': tokenizer_fingerprint(tokenizer), 'max_length': max_length,
+                                     'dtype': dtype.name, 'shards': manifest['shards']})
   return enc_dir
+
+
+class CorpusLogits:
+  """Teacher logits of every corpus row, [N, T, C] by position, read from per-shard arrays on disk (memory
+  mapped): what `batches` needs as an `extra` array without holding N x T x C floats in memory."""
+
+  def __init__(self, per_teacher: list[list[np.ndarray]], shard_rows: list[int]):
+    if any(len(shards) != len(shard_rows) or [len(a) for a in shards] != list(shard_rows) for shards in per_teacher):
+      raise ValueError('every teacher needs one logits array per corpus shard, of the shard\'s length')
+    self._per_teacher = per_teacher
+    self._starts = np.cumsum([0] + list(shard_rows))
+
+  def __len__(self):
+    return int(self._starts[-1])
+
+  def __getitem__(self, rows) -> np.ndarray:
+    rows = np.asarray(rows)
+    shard = np.searchsorted(self._starts, rows, side='right') - 1
+    offset = rows - self._starts[shard]
+    out = np.empty((len(rows), len(self._per_teacher), self._per_teacher[0][0].shape[1]), np.float32)
+    for s in np.unique(shard):
+      at = np.flatnonzero(shard == s)
+      for t, shards in enumerate(self._per_teacher):
+        out[at, t] = shards[s][offset[at]]
+    return out
 
 
 class CorpusRows:

@@ -119,6 +119,17 @@ class LogitStore:
                             "logits stage")
     return logits[[position[key] for key in wanted]]
 
+  def has_shard(self, name: str, expected_manifest: dict, shard: int, num_shards: int) -> bool:
+    """Whether shard `shard` of `num_shards` is complete with exactly this manifest (resume by shard)."""
+    path = self._shard_dir(name, shard, num_shards) / "manifest.json"
+    return path.is_file() and json.loads(path.read_text())["manifest"] == _normalise(expected_manifest)
+
+  def read_shards(self, name: str, expected_manifest: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(logits, ids) of each shard of `name` in shard order, memory-mapped (nothing is read until indexed);
+    StaleStoreError if stale, UserError if incomplete."""
+    return [(np.load(f / "logits.npy", mmap_mode="r"), np.load(f / "ids.npy", mmap_mode="r"))
+            for f in self._check(name, expected_manifest)]
+
   def has(self, name: str, expected_manifest: dict) -> bool:
     """Whether complete logits with exactly this manifest are stored."""
     try:

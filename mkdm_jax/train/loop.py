@@ -115,12 +115,20 @@ def save_params(path, params):
 
 
 def load_params(path, abstract=None):
-  """Load a params tree saved by `save_params` (onto `abstract`'s shardings when given)."""
+  """Load a params tree saved by `save_params` onto `abstract`'s shardings, by default onto this process's
+  first device (not the saving run's devices, which another process of a multi-process run cannot address).
+
+  In a multi-process run every process must call this together (Orbax synchronises them).
+  """
   path = Path(path).absolute()
   if not path.exists():
     raise UserError(f'no saved parameters at {path}')
   with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(path, abstract) if abstract is not None else ckptr.restore(path)
+    if abstract is None:
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              ckptr.metadata(path).item_metadata.tree)
+    return ckptr.restore(path, abstract)
 
 
 def read_summary(workdir):
@@ -145,7 +153,11 @@ def _jitted_eval(model):
 
 
 def predict(model, params, data, *, mesh, batch_size=128, buckets=(32, 64, 128), desc=None):
-  """Logits of every row of `data` in row order: {'logits': [N, C], 'head_logits': [N, H, C]}."""
+  """Logits of every row of `data` in row order: {'logits': [N, C], 'head_logits': [N, H, C]}.
+
+  On a global mesh every process passes the same `data` and feeds its slice of each batch; on a
+  `sharding.local_mesh()` each process predicts its own `data` alone.
+  """
   eval_step = _jitted_eval(model)
   out = {}
   total = num_batches(data, batch_size)
@@ -154,7 +166,8 @@ def predict(model, params, data, *, mesh, batch_size=128, buckets=(32, 64, 128),
   order = np.argsort(data.lengths, kind='stable')
   positions = {'position': order.astype(np.int32)}
   with sigterm_guard() as outermost:
-    for batch in _predict_batches(data.select(order), batch_size, buckets, positions, total, desc):
+    processes = (0, 1) if sharding.is_local(mesh) else (jax.process_index(), jax.process_count())
+    for batch in _predict_batches(data.select(order), batch_size, buckets, positions, total, desc, processes):
       if outermost and preempted():
         raise Preempted()
       device_batch = sharding.put_batch(mesh, batch)
@@ -169,10 +182,10 @@ def predict(model, params, data, *, mesh, batch_size=128, buckets=(32, 64, 128),
   return out
 
 
-def _predict_batches(data, batch_size, buckets, positions, total, desc):
+def _predict_batches(data, batch_size, buckets, positions, total, desc, processes):
+  process_index, process_count = processes
   for batch in tqdm(batches(data, batch_size, seed=0, epoch=0, shuffle=False, buckets=buckets,
-                            process_index=jax.process_index(), process_count=jax.process_count(),
-                            extra=positions),
+                            process_index=process_index, process_count=process_count, extra=positions),
                     total=total, desc=desc, disable=desc is None or jax.process_index() != 0,
                     leave=False):
     for key in HOST_ONLY_KEYS:
@@ -219,7 +232,8 @@ def fit(workdir, model, train, cfg: TrainConfig, loss_config: LossConfig, *, mes
         eval_metrics=(), primary_metric=None):
   """Trains `model` on encoded `train` rows; returns the final (or best-on-dev) params.
 
-  teacher_logits: [N, T, C] aligned with `train` rows (from the logit store), or None.
+  train: an `Encoded`, or a prepared corpus's `CorpusRows` (streamed; the same batches).
+  teacher_logits: [N, T, C] float32 aligned with `train` rows (from the logit store), or None.
   teacher_models/teacher_params: frozen teachers run inside the step (online distillation).
   Writes under `workdir`: ckpt/ (resume), best/, final/, metrics.jsonl, tb/ and DONE.json.
   """
@@ -280,7 +294,8 @@ def fit(workdir, model, train, cfg: TrainConfig, loss_config: LossConfig, *, mes
                             'batch_in_epoch': step % steps_per_epoch, 'best_score': best_score},
               force=force)
 
-  extra = {'teacher_logits': np.asarray(teacher_logits, np.float32)} if teacher_logits is not None else None
+  # An array, or any [N, T, C] row-indexable source (a corpus's memory-mapped CorpusLogits).
+  extra = {'teacher_logits': teacher_logits} if teacher_logits is not None else None
   bar = tqdm(total=total_steps, initial=step, desc=workdir.name, unit='step',
              disable=not cfg.progress or not is_main, dynamic_ncols=True)
   last_eval, window_start, window_examples = {}, time.perf_counter(), 0

@@ -11,6 +11,17 @@ BATCH_AXES = ('data', 'fsdp')
 MIN_SHARDED_SIZE = 2**16
 
 
+def local_mesh():
+  """A ('data', 'fsdp') mesh over this process's devices only: for work each process does on its own (e.g.
+  scoring its shards of a corpus), with no collective between processes."""
+  devices = np.asarray(jax.local_devices())
+  return Mesh(devices.reshape(devices.size, 1), ('data', 'fsdp'))
+
+
+def is_local(mesh) -> bool:
+  return all(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+
 def make_mesh(fsdp=1):
   """A ('data', 'fsdp') mesh over all devices of all processes.
 
@@ -57,8 +68,9 @@ def put_batch(mesh, local_batch):
 
 
 def to_host(x):
-  """Global (possibly multi-process) array -> full numpy array on every process."""
-  if jax.process_count() == 1:
+  """Global (possibly multi-process) array -> full numpy array on every process (an array on this process's
+  devices only is copied without a collective)."""
+  if jax.process_count() == 1 or x.is_fully_addressable:
     return np.asarray(x)
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
