@@ -153,7 +153,7 @@ def load_record(path, settings):
   """A finished run's record; UserError if it was made with other settings."""
   try:
     record = json.loads(path.read_text())
-    recorded = record['settings']
+    recorded = pipeline.with_new_defaults(record['settings'], settings)
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise UserError(f'{path}: not a readable study record ({e}); move it away to rerun that run') from None
   changed = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))

@@ -521,11 +521,19 @@ def _recorded_settings(directory):
   return json.loads(path.read_text()) if path.exists() else None
 
 
+def with_new_defaults(recorded: dict, current: dict) -> dict:
+  """`recorded` settings plus, for each setting in `current` that they lack (one added to the pipeline after
+  they were recorded), its default value: a new option left at its default does not make old runs stale."""
+  defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(Config)}))
+  return {**{k: defaults[k] for k in current if k in defaults and k not in recorded}, **recorded}
+
+
 def _stale(directory, settings):
   """The changed settings of a saved run (empty when it matches or was never started)."""
   recorded = _recorded_settings(directory)
   if recorded is None:
     return []
+  recorded = with_new_defaults(recorded, settings)
   if 'teachers' not in settings:  # up-front check: the teachers' fingerprints are compared at fit time
     recorded = {k: v for k, v in recorded.items() if k != 'teachers'}
   return distill.changed_settings(recorded, settings)

@@ -1,9 +1,10 @@
 """pipeline.validate refuses flag combinations without meaning, naming the flags; typed flag conversion."""
 import dataclasses
+import json
 
 import pytest
 
-from mkdm_jax import pipeline
+from mkdm_jax import distill, pipeline
 from mkdm_jax.errors import UserError
 
 ONLINE = dict(online_teachers=True, students=('bert3',), methods=('mkdm',), teacher_checkpoints=('random',),
@@ -164,3 +165,17 @@ def test_bad_unlabelled_splits_name_the_flag(spec, message):
   with pytest.raises(UserError, match=message) as error:
     pipeline.load_examples(cfg, data.get_task('wikiqa'))
   assert 'nosuch:dev' not in spec or '--unlabelled_splits' in str(error.value)
+
+
+def test_a_new_setting_at_its_default_keeps_saved_runs_current(tmp_path):
+  """Runs recorded before a setting existed (here unlabelled_corpus) stay current while it is at its default,
+  and turn stale once it is set."""
+  settings = distill_settings(pipeline.Config(workdir=str(tmp_path), methods=('tmkd',)))
+  (tmp_path / 'settings.json').write_text(json.dumps({k: v for k, v in settings.items() if k != 'unlabelled_corpus'}))
+  assert pipeline._stale(tmp_path, settings) == []
+  changed = distill_settings(pipeline.Config(workdir=str(tmp_path), methods=('tmkd',), unlabelled_corpus='c'))
+  assert pipeline._stale(tmp_path, changed) == ["unlabelled_corpus: '' -> 'c'"]
+
+
+def distill_settings(cfg):
+  return distill.student_settings(cfg, 'bert3', 'tmkd')
