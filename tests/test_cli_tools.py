@@ -239,3 +239,29 @@ def test_ablate_dry_run_shares_teachers_only_for_student_flags(tmp_path):
 def test_ablate_bad_input_is_one_error_line(tmp_path, args, message):
   proc = run_script('ablate.py', f'--base_flagfile={CI_TINY}', f'--workdir={tmp_path}', *args, check=False)
   assert_user_error(proc, message)
+
+
+def test_export_onnx_runs_in_onnxruntime_with_the_same_logits(bert_model, tmp_path):
+  """--onnx: model.onnx gives the JAX model's combined logits in ONNX Runtime at two batch shapes (dynamic
+  axes); --onnx_int8 adds a quantised file that runs (finite logits of the same shape)."""
+  import onnxruntime
+  directory, model, params = bert_model
+  out = tmp_path / 'hf'
+  proc = run_script('export.py', f'--model={directory}', f'--out={out}', '--onnx', '--onnx_int8')
+  assert f'wrote {out / "model.onnx"}' in proc.stdout and f'wrote {out / "model.int8.onnx"}' in proc.stdout
+  tokenizer = models.load_tokenizer(out)
+  for batch in (1, len(QUESTIONS)):
+    encodings = tokenizer.encode_batch(list(zip(QUESTIONS[:batch], PASSAGES[:batch])))
+    length = max(len(e.ids) for e in encodings)
+    ids, types, mask = (np.zeros((batch, length), np.int64) for _ in range(3))
+    for k, e in enumerate(encodings):
+      ids[k, :len(e.ids)], types[k, :len(e.ids)], mask[k, :len(e.ids)] = e.ids, e.type_ids, 1
+    ours = np.asarray(model.apply({'params': params}, ids.astype(np.int32), types.astype(np.int32),
+                                  mask.astype(np.int32))['logits'])
+    feed = {'input_ids': ids, 'attention_mask': mask, 'token_type_ids': types}
+    fp32 = onnxruntime.InferenceSession(str(out / 'model.onnx')).run(['logits'], feed)[0]
+    np.testing.assert_allclose(fp32, ours, atol=1e-4)
+    int8 = onnxruntime.InferenceSession(str(out / 'model.int8.onnx')).run(['logits'], feed)[0]
+    assert int8.shape == fp32.shape and np.isfinite(int8).all()
+  assert_user_error(run_script('export.py', f'--model={directory}', f'--out={tmp_path / "b"}', '--onnx_int8',
+                               check=False), '--onnx_int8 quantises the ONNX file: add --onnx')
