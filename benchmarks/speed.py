@@ -1,5 +1,6 @@
 """Speed benchmarks: student vs teacher, JAX vs PyTorch, distance to the matmul peak, KD step costs;
-the same for MPNet-base (vs transformers' MPNet, and its mpnet3 student).
+the same for MPNet-base (vs transformers' MPNet, and its mpnet3 student); the bert student served by JAX
+against ONNX Runtime (fp32 and int8) on its exported ONNX file.
 
   python benchmarks/speed.py --out=/tmp/bench/speed.json
 
@@ -16,6 +17,7 @@ import json
 import os
 import pathlib
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -62,6 +64,9 @@ flags.DEFINE_integer('mpnet_length', 64, 'Sequence length of the MPNet-base vs P
 flags.DEFINE_integer('mpnet_repeats', 5, 'Timed rounds of the MPNet-base vs PyTorch comparison and of mpnet3 vs '
                      'MPNet-base inference (its rounds are long).')
 flags.DEFINE_integer('torch_threads', 2, 'PyTorch intra-op threads.')
+flags.DEFINE_list('serving_batch_sizes', ['1', '32', '128'], 'Batch sizes of the JAX vs ONNX Runtime serving '
+                  'comparison (on WikiQA test rows).')
+flags.DEFINE_integer('batch1_rows', 64, 'WikiQA test rows of the batch-1 serving comparison.')
 flags.DEFINE_enum('torch_attention', 'sdpa', ['sdpa', 'eager'], "transformers' attention implementation "
                   '(where the model has it: MPNet is eager only).')
 flags.DEFINE_string('data_dir', None, 'Data folder (default: as the pipeline resolves it).')
@@ -188,10 +193,10 @@ def build_mpnet(quick):
           'mpnet3': entry(factory.student('mpnet3', checkpoint, NUM_CLASSES, 1, 0, options))}
 
 
-def load_wikiqa(max_length, rows=None, checkpoint='minilm-l6'):
-  """WikiQA train rows (the first `rows`, or all) encoded by `checkpoint`'s tokenizer."""
+def load_wikiqa(max_length, rows=None, checkpoint='minilm-l6', split='train'):
+  """WikiQA rows of `split` (the first `rows`, or all) encoded by `checkpoint`'s tokenizer."""
   tokenizer = models.load_tokenizer(models.resolve_checkpoint(checkpoint))
-  examples = data_lib.load_split('wikiqa', 'train', FLAGS.data_dir)
+  examples = data_lib.load_split('wikiqa', split, FLAGS.data_dir)
   if rows is not None:
     examples = examples.select(np.arange(min(rows, len(examples))))
   return data_lib.encode(tokenizer, examples, max_length)
@@ -518,6 +523,43 @@ def mpnet(quick, length, compare_length, rows, batch_size, repeats, gemm_size):
 
 # ---------------------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------------------
+# 7. Serving the student: JAX against ONNX Runtime on the exported model.
+
+def serving(cfg, params, encoded, batch_sizes, repeats, batch1_rows):
+  """Examples/s of the student served by JAX (the pipeline's jitted eval step) and by ONNX Runtime (fp32 and
+  int8 dynamic quantisation of `experiments/export.py --onnx --onnx_int8`'s file), on the same bucketed
+  batches of WikiQA test rows (batch 1 on the first `batch1_rows` rows), run alternately."""
+  import onnxruntime
+  from mkdm_jax.models import onnx_export
+  model = models.Classifier(cfg, NUM_CLASSES)
+  folder = pathlib.Path(tempfile.mkdtemp(prefix='serving-'))
+  models.export_hf(folder, model, params, tokenizer_dir=models.resolve_checkpoint('minilm-l6'))
+  onnx_export.export_onnx(folder, int8=True)
+  options = onnxruntime.SessionOptions()
+  options.intra_op_num_threads = len(os.sched_getaffinity(0))
+  sessions = {kind: onnxruntime.InferenceSession(str(folder / file), options, providers=['CPUExecutionProvider'])
+              for kind, file in (('onnxruntime_fp32', 'model.onnx'), ('onnxruntime_int8', 'model.int8.onnx'))}
+  names = onnx_export.onnx_input_names(folder)
+  step = jax.jit(step_lib.make_eval_step(model))
+  out = {'onnxruntime': onnxruntime.__version__, 'threads': options.intra_op_num_threads}
+  for bs in batch_sizes:
+    rows = encoded.select(np.arange(min(batch1_rows, len(encoded)))) if bs == 1 else encoded
+    batch_list = inference_batches(rows, bs, BUCKETS)
+    feeds = [{k: b[k].astype(np.int64) for k in names} for b in batch_list]
+    fns = {'jax': lambda: [step(params, {k: jnp.asarray(v) for k, v in b.items()})['logits'] for b in batch_list]}
+    for kind, session in sessions.items():
+      fns[kind] = lambda session=session: [session.run(['logits'], feed) for feed in feeds]
+    times = interleaved(fns, repeats)
+    n = int(sum(b['weight'].sum() for b in batch_list))
+    out[f'batch{bs}'] = {'rows': n, **{f'{k}_examples_per_s': n / median(t) for k, t in times.items()},
+                         'jax_over_onnxruntime_fp32': pair_ratio(times['onnxruntime_fp32'], times['jax']),
+                         'jax_over_onnxruntime_int8': pair_ratio(times['onnxruntime_int8'], times['jax'])}
+    print(f'  batch {bs}: ' + ', '.join(f'{k} {n / median(t):.1f} ex/s' for k, t in times.items()), flush=True)
+  shutil.rmtree(folder)
+  return out
+
+
 def machine_info():
   import torch
   import transformers
@@ -585,6 +627,13 @@ def main(argv):
   result['mpnet'] = mpnet(quick, length, length if quick else FLAGS.mpnet_length, rows, compare_batch,
                           1 if quick else FLAGS.mpnet_repeats, gemm_size)
 
+  print(f'[{time.time() - started:.0f} s] ' + '7. serving the student: JAX vs ONNX Runtime', flush=True)
+  bert_student = next(n for n in student_names if n.startswith('bert'))
+  serve_sizes = [1, 4] if quick else [int(b) for b in FLAGS.serving_batch_sizes]
+  result['serving'] = serving(*zoo[bert_student], load_wikiqa(length, rows, split='test'), serve_sizes,
+                              repeats, 8 if quick else FLAGS.batch1_rows)
+  result['serving']['student'] = bert_student
+
   comparison, mpnet_comparison = result['jax_vs_torch'], result['mpnet']['jax_vs_torch']
   mpnet3 = result['mpnet']['student_speedup']['mpnet3']
   result.update({
@@ -597,6 +646,8 @@ def main(argv):
       'mpnet_vs_torch_train_ratio': mpnet_comparison['train_ratio'],
       'mpnet_forward_mfu': mpnet_comparison['forward_mfu'], 'mpnet_train_mfu': mpnet_comparison['train_mfu'],
       'mpnet3_speedup': mpnet3['measured'], 'mpnet3_flop_ratio': mpnet3['flop_ratio'],
+      'student_vs_onnxruntime': {f'batch{bs}': result['serving'][f'batch{bs}']['jax_over_onnxruntime_fp32']
+                                 for bs in serve_sizes},
   })
   result['machine']['load_average_end'] = os.getloadavg()
   result['wall_seconds'] = time.time() - started

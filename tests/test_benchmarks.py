@@ -30,6 +30,11 @@ def test_speed_quick(tmp_path):
   for key in HEADLINE:
     assert positive(result[key]), (key, result[key])
   assert set(result['student_speedup']) == {'bert1', 'bilstm'}
+  # Serving: the exported bert1 in ONNX Runtime (fp32, int8) beside JAX, per batch size (--quick: 1 and 4).
+  assert set(result['student_vs_onnxruntime']) == {'batch1', 'batch4'}
+  assert all(positive(r) for r in result['student_vs_onnxruntime'].values())
+  for kind in ('jax', 'onnxruntime_fp32', 'onnxruntime_int8'):
+    assert positive(result['serving']['batch4'][f'{kind}_examples_per_s']), kind
   for name, entry in result['student_speedup'].items():
     assert positive(entry['measured']) and positive(entry['flop_ratio']), (name, entry)
   assert result['student_speedup']['bert1']['flop_ratio'] > 1
