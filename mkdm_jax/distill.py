@@ -161,6 +161,7 @@ SETTINGS = {
     'unlabelled_splits': Setting('students', methods=_TMKD),
     'unlabelled_corpus': Setting('students', methods=_TMKD),
     'pretrain_epochs': Setting('students', methods=_TMKD),
+    'pretrain_steps': Setting('students', methods=_TMKD),
     # Evaluation only.
     **dict.fromkeys(('eval_split', 'eval_batch_size', 'speed_rows', 'speed_repeats'), _EVAL),
     # Bookkeeping.

@@ -135,6 +135,8 @@ class Config:
   teacher_epochs: float = _setting(1.0, 'Teacher fine-tuning epochs.')
   student_epochs: float = _setting(2.0, 'Student (stage 2) epochs.')
   pretrain_epochs: float = _setting(1.0, 'TMKD stage-1 epochs over the unlabelled pairs.')
+  pretrain_steps: int = _setting(0, 'TMKD stage-1 length in steps (batches) instead of --pretrain_epochs (0: use '
+                                 'the epochs); the natural budget for a large streamed --unlabelled_corpus.')
   student_learning_rate: float = _setting(1e-4, 'BERT student learning rate.')
   bilstm_learning_rate: float = _setting(2e-3, 'BiLSTM student learning rate.')
   warmup_ratio: float = _setting(0.1, 'Fraction of updates spent warming up.')
@@ -258,6 +260,9 @@ def validate(cfg: Config):
       (cfg.fsdp >= 1 and jax.device_count() % cfg.fsdp == 0,
        f'--fsdp={cfg.fsdp} must divide the {jax.device_count()} devices'),
       (cfg.speed_repeats >= 1, f'--speed_repeats={cfg.speed_repeats} must be >= 1'),
+      (cfg.pretrain_steps >= 0, f'--pretrain_steps={cfg.pretrain_steps} must be >= 0'),
+      (not cfg.pretrain_steps or 'tmkd' in methods,
+       f'--pretrain_steps={cfg.pretrain_steps} sets TMKD stage 1, and --methods has no tmkd'),
       # Teacher weighting: only where several teachers meet.
       (cfg.teacher_weighting == 'fixed' or not cfg.teacher_weights,
        '--teacher_weights is given but --teacher_weighting is not fixed: the weights would be ignored; add '
@@ -577,9 +582,9 @@ def claim_run(directory, settings, overwrite):
 # ---------------------------------------------------------------------------------------------
 # Training.
 
-def train_config(cfg: Config, buckets, *, epochs, learning_rate, seed, batch_size=None):
+def train_config(cfg: Config, buckets, *, epochs, learning_rate, seed, batch_size=None, max_steps=0):
   return train.TrainConfig(
-      batch_size=batch_size or cfg.batch_size, epochs=epochs, learning_rate=learning_rate,
+      batch_size=batch_size or cfg.batch_size, epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
       warmup_ratio=cfg.warmup_ratio, lr_decay=cfg.lr_decay, weight_decay=cfg.weight_decay,
       layer_decay=cfg.layer_decay, accumulate=cfg.accumulate, seed=seed, buckets=buckets,
       checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every, progress=cfg.progress,
@@ -878,7 +883,7 @@ def _student_run(ctx, arch, method, *, stage1=False):
   epochs = cfg.pretrain_epochs if stage1 else cfg.student_epochs
   fit_model(ctx, ctx.student_dir(arch, run), build, ctx.student_tokenizer_dir(arch), dataset, settings,
             train_config(cfg, ctx.buckets, epochs=epochs, learning_rate=student_learning_rate(cfg, arch),
-                         seed=cfg.student_seed),
+                         seed=cfg.student_seed, max_steps=cfg.pretrain_steps if stage1 else 0),
             distill.loss_config(method, cfg), select_on_dev=not stage1,
             teachers=teacher_inputs(ctx, dataset, indices) if indices else None)
 

@@ -98,6 +98,15 @@ def test_corpus_scoring_resumes_by_shard(in_memory_run, train_corpus, tmp_path, 
                                                                          if p.parent != lost}
 
 
+def test_pretrain_steps_bound_streamed_stage1(in_memory_run, train_corpus, tmp_path, xla_cache):
+  """--pretrain_steps: stage 1 on a corpus runs exactly that many steps, whatever the corpus size."""
+  workdir = tmp_path / 'steps'
+  proc = run_pipeline(workdir, *STAGE1, f'--shared_dir={in_memory_run}', f'--unlabelled_corpus={train_corpus}',
+                      '--stages=logits,pretrain', '--pretrain_steps=7', cache=xla_cache)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  assert train.read_summary(workdir / 'students' / 'bert1_tmkd_stage1')['steps'] == 7
+
+
 def test_corpus_flag_combinations_are_refused(tmp_path, train_corpus, xla_cache):
   proc = run_pipeline(tmp_path / 'x', '--methods=tmkd', f'--unlabelled_corpus={train_corpus}', cache=xla_cache)
   assert proc.returncode == 2 and '--unlabelled_corpus replaces the in-memory stage-1 set' in proc.stderr

@@ -34,6 +34,10 @@ def validate(**overrides):
     (dict(hidden_weight=0.5, students=('bert3',)), ['--hidden_weight', '--online_teachers']),
     (dict(ONLINE, attention_weight=0.5, student_checkpoint=('minilm-l6',)), ['--attention_weight']),
     (dict(unlabelled_splits=('qnli:dev',), methods=('mkdm',)), ['--unlabelled_splits=qnli:dev', '--methods']),
+    (dict(pretrain_steps=100, methods=('mkdm',)), ['--pretrain_steps=100', '--methods']),
+    (dict(pretrain_steps=-1), ['--pretrain_steps=-1']),
+    (dict(unlabelled_corpus='c', teacher_checkpoints=('scores:t.tsv',), methods=('tmkd',)),
+     ['--unlabelled_corpus', 'scores:']),
 ])
 def test_refused(overrides, flags):
   with pytest.raises(UserError) as error:
