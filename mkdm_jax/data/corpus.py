@@ -156,11 +156,11 @@ def prepare(sources, out_dir, options: ReadOptions, *, rows_per_shard=65536, pro
   done = _finished_shards(text_dir, '.rows.npz')
   report = []
   rows = _rows(sources, options, report)
-  skipped_rows = sum(1 for _ in itertools.islice(rows, done * rows_per_shard))  # written before a kill
+  resumed_rows = sum(1 for _ in itertools.islice(rows, done * rows_per_shard))  # written before a kill
   if done:
-    log.info('%s: resuming after %d complete shards (%d rows)', out_dir, done, skipped_rows)
+    log.info('%s: resuming after %d complete shards (%d rows)', out_dir, done, resumed_rows)
   shard = done
-  with tqdm(total=None, initial=skipped_rows, unit=' rows', desc=f'prepare {out_dir.name}',
+  with tqdm(total=None, initial=resumed_rows, unit=' rows', desc=f'prepare {out_dir.name}',
             disable=not progress) as bar:
     while chunk := list(itertools.islice(rows, rows_per_shard)):
       name = _shard_name(shard)
@@ -348,8 +348,7 @@ class CorpusRows:
 
   def shard_encoded(self, shard: int) -> Encoded:
     """The rows of one shard as an in-memory `Encoded` (for scoring shard by shard)."""
-    start = sum(self.shard_rows[:shard])
-    rows = np.arange(start, start + self.shard_rows[shard])
+    rows = np.arange(self._shard_starts[shard], self._shard_starts[shard + 1])
     tokens = self.tokens(rows, self.max_length)
     return Encoded(**tokens, lengths=self.lengths[rows], labels=self.labels[rows], ids=self.ids[rows], groups=None,
                    fingerprint=f'{self.fingerprint}:{shard}')
