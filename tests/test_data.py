@@ -1,4 +1,5 @@
 """Tests of the data layer: readers and tasks, row keys, tfds source, encoding and batching."""
+import collections
 import dataclasses
 import hashlib
 import json
@@ -465,3 +466,19 @@ def test_metrics_for_drops_ranking_metrics_without_groups():
   assert task.metrics_for(grouped) == (task.metrics, "map")
   names, primary = task.metrics_for(ungrouped)
   assert "map" not in names and "mrr" not in names and primary == "auc"
+
+
+def test_row_keyer_numbers_repeats_across_merges(monkeypatch):
+  """RowKeyer (a sorted array of seen keys plus a set merged into it every MERGE_EVERY rows) numbers repeats
+  exactly as counting identical rows does, whether the first occurrence was merged or not."""
+  monkeypatch.setattr(readers.RowKeyer, 'MERGE_EVERY', 3)
+  rng = np.random.default_rng(0)
+  rows = [(f'q{i}', f'p{j}', g) for i, j, g in zip(rng.integers(6, size=200), rng.integers(5, size=200),
+                                                    rng.choice(['A', None], size=200))]
+  counts, expected = collections.Counter(), []
+  for row in rows:
+    expected.append(readers.row_key(*row, counts[row]))
+    counts[row] += 1
+  keyer = readers.RowKeyer()
+  assert [keyer(*row) for row in rows] == expected
+  assert max(counts.values()) > 3 and len(counts) > 3  # repeats on both sides of several merges

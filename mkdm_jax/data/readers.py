@@ -57,19 +57,36 @@ def check_unique_ids(ids: np.ndarray, source: str):
 class RowKeyer:
   """Gives each row of a file, in file order, its `row_key`, counting repeats of identical rows.
 
-  Rows are told apart by their occurrence-0 key (not their texts), so a stream of any length costs one
-  dict entry per distinct row; two different rows sharing a 64-bit key (odds about N^2 / 2^65) would be
-  numbered as repeats of one row instead of failing `check_unique_ids`.
+  Rows are told apart by their occurrence-0 key (not their texts), held in a sorted int64 array (8 bytes a
+  distinct row: a dict of Python ints cost about 100, which made prepare's memory grow with the corpus)
+  plus a set of the newest keys, merged into the array every MERGE_EVERY rows; only repeated rows get a
+  dict entry. Two different rows sharing a 64-bit key (odds about N^2 / 2^65) would be numbered as repeats
+  of one row instead of failing `check_unique_ids`.
   """
+  MERGE_EVERY = 65536
 
   def __init__(self):
-    self._counts = {}
+    self._merged = np.empty(0, np.int64)
+    self._recent = set()
+    self._repeats = {}  # occurrence-0 key -> occurrences seen after the first
+
+  def _seen(self, key: int) -> bool:
+    if key in self._recent:
+      return True
+    i = int(np.searchsorted(self._merged, key))
+    return i < len(self._merged) and int(self._merged[i]) == key
 
   def __call__(self, text_a: str, text_b: str, group: str | None) -> int:
     first = row_key(text_a, text_b, group, 0)
-    occurrence = self._counts.get(first, 0)
-    self._counts[first] = occurrence + 1
-    return first if occurrence == 0 else row_key(text_a, text_b, group, occurrence)
+    if not self._seen(first):
+      self._recent.add(first)
+      if len(self._recent) >= self.MERGE_EVERY:
+        self._merged = np.union1d(self._merged, np.fromiter(self._recent, np.int64, len(self._recent)))
+        self._recent = set()
+      return first
+    occurrence = self._repeats.get(first, 0) + 1
+    self._repeats[first] = occurrence
+    return row_key(text_a, text_b, group, occurrence)
 
 
 def row_keys(text_a: list[str], text_b: list[str], groups: list[str] | None, source: str) -> np.ndarray:
