@@ -54,6 +54,11 @@ flags.DEFINE_list('batch_sizes', ['32', '128'], 'Inference batch sizes.')
 flags.DEFINE_integer('length', 128, 'Fixed sequence length (and max_length of the bucketed data).')
 flags.DEFINE_integer('rows', 256, 'WikiQA train rows in each bucketed inference pass.')
 flags.DEFINE_integer('compare_batch', 32, 'Batch size of the JAX vs PyTorch and MFU comparison.')
+flags.DEFINE_integer('large_batch', 128, 'Second batch size of the JAX vs PyTorch fp32 comparison '
+                     '(keys forward_ratio_batch<N>, train_ratio_batch<N>; 0 skips it).')
+flags.DEFINE_integer('large_repeats', 5, 'Timed rounds of the --large_batch comparison.')
+flags.DEFINE_bool('bf16', True, 'Also compare JAX at --precision=bf16 (bf16 compute, fp32 params) against '
+                  'PyTorch under torch.autocast("cpu", dtype=torch.bfloat16), at --compare_batch.')
 flags.DEFINE_integer('kd_batch', 32, 'Batch size of the distillation-step measurements.')
 flags.DEFINE_integer('kd_length', 64, 'Sequence length of the multi-teacher step measurement.')
 flags.DEFINE_integer('bucket_rows', 384, 'WikiQA train rows in each end-to-end bucketing pass.')
@@ -84,6 +89,8 @@ HEADLINE = ('jax_vs_torch_forward_ratio', 'jax_vs_torch_train_ratio', 'forward_m
             'multi_teacher_cost_ratio', 'bucketing_speedup', 'mpnet_vs_torch_forward_ratio',
             'mpnet_vs_torch_train_ratio', 'mpnet_forward_mfu', 'mpnet_train_mfu', 'mpnet3_speedup',
             'mpnet3_flop_ratio')
+OPTIONAL_HEADLINE = ('forward_ratio_batch', 'train_ratio_batch', 'mpnet_forward_ratio_batch',
+                     'mpnet_train_ratio_batch', 'jax_vs_torch_bf16_', 'mpnet_vs_torch_bf16_')
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -348,8 +355,16 @@ def torch_kd_loss(logits, teacher_logits, labels):
   return (ALPHA * TEMPERATURE**2 * kl + (1 - ALPHA) * gold).mean()
 
 
-def torch_train_step(model):
-  """AdamW (decay on matrices only), clipping at 1.0: the JAX optimiser's settings."""
+def torch_precision(bf16):
+  """The context PyTorch computes in: bf16 autocast (its fastest CPU mode), or plain fp32."""
+  import contextlib
+  import torch
+  return torch.autocast('cpu', dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def torch_train_step(model, bf16=False):
+  """AdamW (decay on matrices only), clipping at 1.0: the JAX optimiser's settings; the forward and loss
+  under bf16 autocast when `bf16` (the backward follows it, as torch.autocast documents)."""
   import torch
   no_decay = lambda n: 'bias' in n or 'LayerNorm' in n
   groups = [{'params': [p for n, p in model.named_parameters() if not no_decay(n)], 'weight_decay': 0.01},
@@ -359,7 +374,8 @@ def torch_train_step(model):
   def step(inputs, teacher_logits, labels):
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss = torch_kd_loss(model(**inputs).logits, teacher_logits, labels)
+    with torch_precision(bf16):
+      loss = torch_kd_loss(model(**inputs).logits.float(), teacher_logits, labels)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
@@ -368,16 +384,18 @@ def torch_train_step(model):
   return step
 
 
-def jax_vs_torch(cfg, params, batch, repeats, gemm_size):
+def jax_vs_torch(cfg, params, batch, repeats, gemm_size, bf16=False):
   """Forward and train-step examples/s of both frameworks on one batch, plus the GEMM peak and MFU.
 
   `cfg` is a BERT (transformers' BertForSequenceClassification) or MPNet config (MPNetForSequenceClassification:
-  dense + tanh + out_proj on the first token, i.e. our pooler and head; no token types).
+  dense + tanh + out_proj on the first token, i.e. our pooler and head; no token types). `bf16`: JAX computes
+  in bfloat16 (the pipeline's --precision=bf16: fp32 params, fp32 heads and loss) and PyTorch under bf16
+  autocast; the GEMM peak is then a bf16 GEMM's, and logits_max_abs_diff compares two bf16 forwards.
   """
   import torch
   torch.set_num_threads(FLAGS.torch_threads)
   torch.manual_seed(0)
-  model = models.Classifier(cfg, NUM_CLASSES)
+  model = models.Classifier(cfg, NUM_CLASSES, dtype=jnp.bfloat16 if bf16 else jnp.float32)
   jbatch = kd_batch(batch, 3)
   bs, length = batch['input_ids'].shape
   eval_step = jax.jit(step_lib.make_eval_step(model))
@@ -388,16 +406,17 @@ def jax_vs_torch(cfg, params, batch, repeats, gemm_size):
   inputs = {k: torch.tensor(np.asarray(jbatch[k]), dtype=torch.long) for k in names}
   teacher_logits = torch.tensor(np.asarray(jbatch['teacher_logits']))
   labels = torch.tensor(np.asarray(jbatch['labels']), dtype=torch.long)
-  tstep = torch_train_step(tmodel)
+  tstep = torch_train_step(tmodel, bf16)
 
   def torch_forward():
     tmodel.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), torch_precision(bf16):
       return tmodel(**inputs).logits
 
-  torch_logits = torch_forward().numpy().copy()
+  torch_logits = torch_forward().float().numpy().copy()
   parity = float(np.abs(torch_logits - np.array(eval_step(params, jbatch)['logits'])).max())
-  a = jnp.asarray(np.random.default_rng(0).normal(size=(gemm_size, gemm_size)).astype(np.float32))
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(gemm_size, gemm_size)),
+                  dtype=jnp.bfloat16 if bf16 else jnp.float32)
   gemm = jax.jit(lambda x: x @ x)
   xla_flops = eval_step.lower(params, jbatch).cost_analysis()
   xla_flops = xla_flops[0] if isinstance(xla_flops, list) else xla_flops
@@ -416,7 +435,7 @@ def jax_vs_torch(cfg, params, batch, repeats, gemm_size):
   train_rate = 3 * fwd_flops / np.asarray(times['jax_train'])
   ex = lambda name: bs / median(times[name])
   return {
-      'batch_size': bs, 'length': length, 'torch_attention': torch_attention,
+      'batch_size': bs, 'length': length, 'precision': 'bf16' if bf16 else 'fp32', 'torch_attention': torch_attention,
       'torch_threads': FLAGS.torch_threads, 'logits_max_abs_diff': parity,
       'jax_forward_examples_per_s': ex('jax_forward'), 'torch_forward_examples_per_s': ex('torch_forward'),
       'jax_train_examples_per_s': ex('jax_train'), 'torch_train_examples_per_s': ex('torch_train'),
@@ -432,6 +451,18 @@ def jax_vs_torch(cfg, params, batch, repeats, gemm_size):
       'forward_executed_gflop': executed_flops / 1e9,
       'forward_mfu_executed': median(fwd_rate / peak) * executed_flops / fwd_flops,
       'seconds': times}
+
+
+def framework_comparisons(cfg, params, encoded, length, batch, large, repeats, large_repeats, gemm_size, bf16):
+  """`jax_vs_torch` on the first rows of `encoded` at fixed `length`: fp32 at `batch` ('jax_vs_torch'), fp32
+  at `large` ('jax_vs_torch_batch<large>'; 0 skips it) and, if `bf16`, bf16 at `batch` ('jax_vs_torch_bf16')."""
+  first = lambda n: next(data_lib.batches(encoded, n, seed=0, epoch=0, buckets=(length,)))
+  out = {'jax_vs_torch': jax_vs_torch(cfg, params, first(batch), repeats, gemm_size)}
+  if large:
+    out[f'jax_vs_torch_batch{large}'] = jax_vs_torch(cfg, params, first(large), large_repeats, gemm_size)
+  if bf16:
+    out['jax_vs_torch_bf16'] = jax_vs_torch(cfg, params, first(batch), repeats, gemm_size, bf16=True)
+  return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -507,18 +538,19 @@ def bucketing(student, encoded, all_train, batch_size, repeats):
 # ---------------------------------------------------------------------------------------------------
 # 6. MPNet-base: against PyTorch, its MFU, and its mpnet3 student.
 
-def mpnet(quick, length, compare_length, rows, batch_size, repeats, gemm_size):
-  """Sections 1-3 for MPNet-base: its forward and KD train step against transformers' MPNet on one
-  [batch_size, compare_length] batch (with the GEMM peak, alternately), and the inference speedup of
-  its bottom 3 layers (mpnet3) at batch_size on the first `rows` WikiQA rows, as `inference` measures it."""
+def mpnet(quick, length, compare_length, rows, batch_size, large, repeats, gemm_size, bf16):
+  """Sections 1-3 for MPNet-base: its forward and KD train step against transformers' MPNet at
+  `compare_length` (`framework_comparisons` at batch_size and `large`, each with the GEMM peak, alternately),
+  and the inference speedup of its bottom 3 layers (mpnet3) at batch_size on the first `rows` WikiQA rows,
+  as `inference` measures it."""
   zoo = build_mpnet(quick)
   checkpoint = 'minilm-l6' if quick else 'mpnet-base'  # the tokenizer: the random MPNet takes BERT ids
   results, by_batch, padding = inference(zoo, load_wikiqa(length, rows, checkpoint), [batch_size], repeats, 0,
                                          'mpnet_base', {'mpnet3': ('mpnet3', 'mpnet_base')})
-  compare = next(data_lib.batches(load_wikiqa(compare_length, batch_size, checkpoint), batch_size, seed=0,
-                                  epoch=0, buckets=(compare_length,)))
+  compare_rows = load_wikiqa(compare_length, max(batch_size, large), checkpoint)
   return {'inference': results, 'inference_padding': padding, 'student_speedup': by_batch[str(batch_size)],
-          'jax_vs_torch': jax_vs_torch(*zoo['mpnet_base'], compare, repeats, gemm_size)}
+          **framework_comparisons(*zoo['mpnet_base'], compare_rows, compare_length, batch_size, large, repeats,
+                                  repeats, gemm_size, bf16)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -585,6 +617,7 @@ def main(argv):
   rows = 16 if quick else FLAGS.rows
   bucket_rows = 32 if quick else FLAGS.bucket_rows
   compare_batch, kd_bs = (4, 4) if quick else (FLAGS.compare_batch, FLAGS.kd_batch)
+  large_batch = 8 if quick else FLAGS.large_batch
   kd_length = length if quick else FLAGS.kd_length
   gemm_size = 128 if quick else FLAGS.gemm_size
   started = time.time()
@@ -592,7 +625,7 @@ def main(argv):
             'command': ' '.join(sys.argv), 'quick': quick, 'machine': {**machine_info(), 'malloc': malloc}}
 
   all_train = load_wikiqa(length)
-  train_slice = all_train.select(np.arange(max(rows, bucket_rows, compare_batch)))
+  train_slice = all_train.select(np.arange(max(rows, bucket_rows, compare_batch, large_batch)))
   zoo = build_models(quick)
   teacher_name = 'minilm_l6'
   student_names = [n for n in zoo if n != teacher_name and not n.startswith('bert_')]
@@ -608,10 +641,9 @@ def main(argv):
   result['student_speedup_by_batch'] = by_batch
 
   print(f'[{time.time() - started:.0f} s] ' + '2-3. JAX vs PyTorch, GEMM peak, MFU', flush=True)
-  compare = next(b for b in data_lib.batches(train_slice, compare_batch, seed=0, epoch=0,
-                                             buckets=(length,)))
-  result['jax_vs_torch'] = jax_vs_torch(*zoo[teacher_name], compare,
-                                        1 if quick else FLAGS.compare_repeats, gemm_size)
+  result.update(framework_comparisons(*zoo[teacher_name], train_slice, length, compare_batch, large_batch,
+                                      1 if quick else FLAGS.compare_repeats, 1 if quick else FLAGS.large_repeats,
+                                      gemm_size, FLAGS.bf16))
 
   print(f'[{time.time() - started:.0f} s] ' + '4. multi-teacher step cost', flush=True)
   kd_data = train_slice.select(np.arange(kd_bs))
@@ -624,8 +656,8 @@ def main(argv):
                                   all_train, kd_bs, repeats)
 
   print(f'[{time.time() - started:.0f} s] ' + '6. MPNet-base: vs PyTorch, MFU, mpnet3', flush=True)
-  result['mpnet'] = mpnet(quick, length, length if quick else FLAGS.mpnet_length, rows, compare_batch,
-                          1 if quick else FLAGS.mpnet_repeats, gemm_size)
+  result['mpnet'] = mpnet(quick, length, length if quick else FLAGS.mpnet_length, rows, compare_batch, large_batch,
+                          1 if quick else FLAGS.mpnet_repeats, gemm_size, FLAGS.bf16)
 
   print(f'[{time.time() - started:.0f} s] ' + '7. serving the student: JAX vs ONNX Runtime', flush=True)
   bert_student = next(n for n in student_names if n.startswith('bert'))
@@ -649,12 +681,21 @@ def main(argv):
       'student_vs_onnxruntime': {f'batch{bs}': result['serving'][f'batch{bs}']['jax_over_onnxruntime_fp32']
                                  for bs in serve_sizes},
   })
+  for prefix, section in (('', result), ('mpnet_', result['mpnet'])):
+    if large_batch:
+      large = section[f'jax_vs_torch_batch{large_batch}']
+      result[f'{prefix}forward_ratio_batch{large_batch}'] = large['forward_ratio']
+      result[f'{prefix}train_ratio_batch{large_batch}'] = large['train_ratio']
+    if FLAGS.bf16:
+      name = 'jax' if not prefix else 'mpnet'
+      result[f'{name}_vs_torch_bf16_forward_ratio'] = section['jax_vs_torch_bf16']['forward_ratio']
+      result[f'{name}_vs_torch_bf16_train_ratio'] = section['jax_vs_torch_bf16']['train_ratio']
   result['machine']['load_average_end'] = os.getloadavg()
   result['wall_seconds'] = time.time() - started
   out = pathlib.Path(FLAGS.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(result, indent=2, default=str))
-  for key in HEADLINE:
+  for key in HEADLINE + tuple(k for k in result if k.startswith(OPTIONAL_HEADLINE)):
     print(f'{key}: {result[key]:.3f}')
   for name, s in result['student_speedup'].items():
     print(f'student_speedup {name}: measured {s["measured"]:.2f}, flop ratio {s["flop_ratio"]:.2f}')

@@ -45,6 +45,18 @@ def test_speed_quick(tmp_path):
   assert machine['malloc'] == ('keep' if platform.libc_ver()[0] == 'glibc' else 'default')
   for model in ('minilm_l6', 'bert1', 'bilstm'):
     assert positive(result['inference'][model]['4']['bucketed_examples_per_s'])
+  # fp32 at a second batch size (--quick: 8) and bf16 against PyTorch's bf16 autocast, for both families.
+  for key in ('forward_ratio_batch8', 'train_ratio_batch8', 'mpnet_forward_ratio_batch8', 'mpnet_train_ratio_batch8',
+              'jax_vs_torch_bf16_forward_ratio', 'jax_vs_torch_bf16_train_ratio', 'mpnet_vs_torch_bf16_forward_ratio',
+              'mpnet_vs_torch_bf16_train_ratio'):
+    assert positive(result[key]), (key, result.get(key))
+  for section in (result, result['mpnet']):
+    assert section['jax_vs_torch_batch8']['batch_size'] == 8
+    assert section['jax_vs_torch_batch8']['logits_max_abs_diff'] < 1e-4
+    bf16 = section['jax_vs_torch_bf16']
+    assert bf16['precision'] == 'bf16' and section['jax_vs_torch']['precision'] == 'fp32'
+    # Both frameworks really compute in bf16: their logits differ by bf16 rounding, not by fp32 rounding.
+    assert 1e-6 < bf16['logits_max_abs_diff'] < 0.1, bf16['logits_max_abs_diff']
   compare = result['jax_vs_torch']
   assert compare['logits_max_abs_diff'] < 1e-4
   # The attention kernel skips padded keys: executed FLOPs fall below model FLOPs exactly when padded.
