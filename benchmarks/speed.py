@@ -592,6 +592,53 @@ def serving(cfg, params, encoded, batch_sizes, repeats, batch1_rows):
   return out
 
 
+def summary_markdown(result):
+  """The run's measured examples/s and ratios as Markdown tables: what README and BENCHMARKS.md quote, so
+  every speed they state comes from one run's file (written beside the JSON, same stem)."""
+  m = result['machine']
+  lines = [f"Measured by `{result['command']}` on {result['date']}: {m['cpu_model']}, {m['cores_usable']} usable "
+           f"cores, commit {m.get('commit', '?')[:12]}, jax {m.get('jax', '?')}, torch {m['torch']}, "
+           f"load average {m['load_average_start'][0]:.2f} at start, {m['load_average_end'][0]:.2f} at end"
+           f"{' (--quick: tiny models, not a benchmark)' if result['quick'] else ''}. Ratios are medians of "
+           'per-round ratios of alternating runs; examples/s are medians over rounds.', '',
+           '| model | batch | length | precision | JAX fwd ex/s | PyTorch fwd ex/s | JAX / PyTorch fwd | '
+           'JAX train ex/s | PyTorch train ex/s | JAX / PyTorch train | fwd MFU |', '|---' * 11 + '|']
+  for family, section in (('MiniLM-L6', result), ('MPNet-base', result['mpnet'])):
+    for key in sorted(k for k, v in section.items() if k.startswith('jax_vs_torch') and isinstance(v, dict)):
+      c = section[key]
+      lines.append(f"| {family} | {c['batch_size']} | {c['length']} | {c['precision']} | "
+                   f"{c['jax_forward_examples_per_s']:.1f} | {c['torch_forward_examples_per_s']:.1f} | "
+                   f"**{c['forward_ratio']:.2f}** | {c['jax_train_examples_per_s']:.1f} | "
+                   f"{c['torch_train_examples_per_s']:.1f} | **{c['train_ratio']:.2f}** | {c['forward_mfu']:.2f} |")
+  lines += ['', 'Inference on WikiQA train rows, bucketed by length (examples/s) and each student against its '
+            'teacher (measured speedup, FLOP ratio):', '', '| model | batch | bucketed ex/s | fixed-length ex/s |',
+            '|---|---|---|---|']
+  for section in (result, result['mpnet']):
+    for name, by_batch in section['inference'].items():
+      for bs, r in by_batch.items():
+        lines.append(f"| {name} | {bs} | {r['bucketed_examples_per_s']:.1f} | {r['fixed_examples_per_s']:.1f} |")
+  lines += ['', '| student vs teacher | batch | measured speedup | FLOP ratio |', '|---|---|---|---|']
+  for section in (result['student_speedup_by_batch'], {'x': result['mpnet']['student_speedup']}):
+    for by_name in section.values():
+      for name, e in by_name.items():
+        lines.append(f"| {name} vs {e['teacher']} | {e['batch_size']} | **{e['measured']:.2f}** | "
+                     f"{e['flop_ratio']:.2f} |")
+  serving = result['serving']
+  lines += ['', f"Serving {serving['student']} (WikiQA test rows, bucketed): JAX against ONNX Runtime "
+            f"{serving['onnxruntime']} ({serving['threads']} threads) on the exported model:", '',
+            '| batch | rows | JAX ex/s | ORT fp32 ex/s | ORT int8 ex/s | JAX / ORT fp32 | JAX / ORT int8 |',
+            '|---|---|---|---|---|---|---|']
+  for key in sorted((k for k in serving if k.startswith('batch')), key=lambda k: int(k[5:])):
+    r = serving[key]
+    lines.append(f"| {key[5:]} | {r['rows']} | {r['jax_examples_per_s']:.1f} | {r['onnxruntime_fp32_examples_per_s']:.1f}"
+                 f" | {r['onnxruntime_int8_examples_per_s']:.1f} | **{r['jax_over_onnxruntime_fp32']:.2f}** | "
+                 f"{r['jax_over_onnxruntime_int8']:.2f} |")
+  lines += ['', f"3 cached teachers / 1 (train step): {result['multi_teacher_cost_ratio']:.2f}; bucketed / "
+            f"fixed-length training epoch: {result['bucketing_speedup']:.2f}x; train MFU {result['train_mfu']:.2f} "
+            f"(MiniLM-L6), {result['mpnet_train_mfu']:.2f} (MPNet-base). Wall time {result['wall_seconds']:.0f} s.", '']
+  return '\n'.join(lines)
+
+
 def machine_info():
   import torch
   import transformers
@@ -695,11 +742,12 @@ def main(argv):
   out = pathlib.Path(FLAGS.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(result, indent=2, default=str))
+  out.with_suffix('.md').write_text(summary_markdown(result))
   for key in HEADLINE + tuple(k for k in result if k.startswith(OPTIONAL_HEADLINE)):
     print(f'{key}: {result[key]:.3f}')
   for name, s in result['student_speedup'].items():
     print(f'student_speedup {name}: measured {s["measured"]:.2f}, flop ratio {s["flop_ratio"]:.2f}')
-  print(f'wrote {out} ({result["wall_seconds"]:.0f} s)')
+  print(f'wrote {out} and {out.with_suffix(".md")} ({result["wall_seconds"]:.0f} s)')
 
 
 if __name__ == '__main__':

@@ -57,6 +57,11 @@ def test_speed_quick(tmp_path):
     assert bf16['precision'] == 'bf16' and section['jax_vs_torch']['precision'] == 'fp32'
     # Both frameworks really compute in bf16: their logits differ by bf16 rounding, not by fp32 rounding.
     assert 1e-6 < bf16['logits_max_abs_diff'] < 0.1, bf16['logits_max_abs_diff']
+  # The Markdown summary beside the JSON (what README and BENCHMARKS.md quote) carries the same numbers.
+  summary = out.with_suffix('.md').read_text()
+  bf16 = result['jax_vs_torch_bf16']
+  assert f"| MiniLM-L6 | 4 | 32 | bf16 | {bf16['jax_forward_examples_per_s']:.1f} |" in summary
+  assert f"**{result['student_vs_onnxruntime']['batch4']:.2f}**" in summary
   compare = result['jax_vs_torch']
   assert compare['logits_max_abs_diff'] < 1e-4
   # The attention kernel skips padded keys: executed FLOPs fall below model FLOPs exactly when padded.
