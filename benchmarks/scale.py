@@ -167,6 +167,8 @@ def disk_bytes(folder: pathlib.Path, pattern='*'):
 def main(argv):
   del argv
   if FLAGS.stage:
+    from mkdm_jax import allocator
+    allocator.one_arena()  # as experiments/prepare.py (and run.py's --malloc=keep) run
     result = {'prepare': stage_prepare, 'score': stage_score, 'train': lambda: stage_train(False),
               'train_memory': lambda: stage_train(True)}[FLAGS.stage]()
     print(json.dumps({**result, 'peak_rss_mb': round(peak_rss_mb(), 1)}))

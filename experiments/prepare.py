@@ -19,7 +19,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags  # noqa: E402
 
-from mkdm_jax import models  # noqa: E402
+from mkdm_jax import allocator, models  # noqa: E402
 from mkdm_jax.data import corpus  # noqa: E402
 from mkdm_jax.errors import UserError  # noqa: E402
 from mkdm_jax.workdir import run_cli  # noqa: E402
@@ -61,6 +61,7 @@ def input_files() -> list[pathlib.Path]:
 def main(argv):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {argv[1:]} (flags must start with --)')
+  allocator.one_arena()  # before the tokenizer's threads: memory stays flat in corpus size
   if FLAGS.max_length < 8:
     raise UserError(f'--max_length={FLAGS.max_length} is too short for a pair (at least 8)')
   files = input_files()

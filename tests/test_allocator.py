@@ -1,4 +1,5 @@
-"""keep_freed_memory: a freed big block is reused without page faults (glibc only)."""
+"""glibc allocator policies: keep_freed_memory reuses a freed big block without page faults; one_arena
+serves every thread from one heap (glibc only)."""
 import pathlib
 import platform
 import subprocess
@@ -40,3 +41,33 @@ def test_keep_freed_memory_reuses_big_blocks():
   pages = SIZE // 4096
   assert _refaults(keep=False) > pages // 2  # glibc maps the block afresh: a fault per page
   assert _refaults(keep=True) < pages // 100  # the heap keeps the freed pages
+
+
+# Mallocs from 4 threads, then prints how many arenas glibc's malloc_stats reports (it writes to stderr).
+_ARENAS_SCRIPT = """
+import ctypes, sys, threading
+sys.path.insert(0, {root!r})
+if {one}:
+  from mkdm_jax.allocator import one_arena
+  assert one_arena()
+libc = ctypes.CDLL('libc.so.6')
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+blocks = []
+threads = [threading.Thread(target=lambda: blocks.append(libc.malloc(1000))) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+libc.malloc_stats()
+"""
+
+
+def _arenas(one):
+  root = str(pathlib.Path(__file__).resolve().parents[1])
+  out = subprocess.run([sys.executable, '-c', _ARENAS_SCRIPT.format(root=root, one=one)],
+                       capture_output=True, text=True, check=True)
+  return sum(line.startswith('Arena ') for line in out.stderr.splitlines())
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='mallopt policy is glibc-specific')
+def test_one_arena_serves_every_thread_from_one_heap():
+  assert _arenas(one=False) > 1  # glibc gives new threads their own arenas
+  assert _arenas(one=True) == 1

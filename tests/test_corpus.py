@@ -48,13 +48,19 @@ def in_memory(paths, tokenizer, max_length) -> Encoded:
                  fingerprint='in-memory')
 
 
-def test_corpus_rows_and_batches_equal_the_in_memory_path(tmp_path, tokenizer):
+def test_corpus_rows_and_batches_equal_the_in_memory_path(tmp_path, tokenizer, monkeypatch):
+  # Shards are tokenised ENCODE_CHUNK rows at a time (bounded memory): 5 here, so 16-row shards take 4 calls.
+  monkeypatch.setattr(corpus, 'ENCODE_CHUNK', 5)
+  calls = []
+  monkeypatch.setattr(corpus, 'encode', lambda tok, examples, n: calls.append(len(examples.text_a)) or
+                      encode(tok, examples, n))
   files = [write_corpus_file(tmp_path / 'a.tsv', 70, seed=0), write_corpus_file(tmp_path / 'b.tsv', 45, seed=1)]
   manifest = corpus.prepare(files, tmp_path / 'corpus', OPTIONS, rows_per_shard=16, progress=False)
   assert manifest['rows'] == 115 and manifest['shards'] == 8  # 7 full shards and one of 3 rows
   assert [s['rows'] for s in manifest['sources']] == [70, 45]
   assert manifest['sources'][0]['sha256'] == hashlib.sha256(files[0].read_bytes()).hexdigest()
   corpus.encode_corpus(tmp_path / 'corpus', tokenizer, 32, progress=False)
+  assert calls == [5, 5, 5, 1] * 7 + [3]
   rows = corpus.CorpusRows(tmp_path / 'corpus', tokenizer, 32)
   expected = in_memory(files, tokenizer, 32)
   np.testing.assert_array_equal(rows.ids, expected.ids)  # row keys, repeats numbered per file

@@ -213,6 +213,25 @@ def _text_records(text_dir: Path, shard: int) -> list[list]:
   return [json.loads(r) for r in source.__getitems__(range(len(source)))]
 
 
+ENCODE_CHUNK = 4096  # rows per tokenizer call: its Encoding objects (about 5 KB a row) stay a few MB
+
+
+def _encoded_records(tokenizer, rows, max_length, dtype, fingerprint, source, lengths):
+  """Each text row's encoding record (token ids in `dtype`, then uint8 type ids, unpadded), tokenised
+  ENCODE_CHUNK rows at a time so the tokenizer's per-row objects never hold a whole shard (a 65,536-row call
+  held about 500 MB, and glibc's per-thread arenas kept it); appends each chunk's int32 lengths to `lengths`."""
+  for start in range(0, len(rows), ENCODE_CHUNK):
+    chunk = rows[start:start + ENCODE_CHUNK]
+    examples = readers.Examples([r[0] for r in chunk], [r[1] for r in chunk], np.array([r[2] for r in chunk], np.int32),
+                                None, np.array([r[4] for r in chunk], np.int64), source,
+                                fingerprint=f'{fingerprint}:{start}')
+    encoded = encode(tokenizer, examples, max_length)
+    lengths.append(encoded.lengths.astype(np.int32))
+    for i, n in enumerate(encoded.lengths):
+      yield np.concatenate([encoded.input_ids[i, :n].astype(dtype.newbyteorder('<')).view(np.uint8),
+                            encoded.token_type_ids[i, :n].astype(np.uint8)]).tobytes()
+
+
 def encode_corpus(corpus_dir, tokenizer, max_length: int, *, shards=None, finish=True, progress=True) -> Path:
   """Adds (or completes) the corpus's encoding for `tokenizer` at `max_length`; returns its folder.
 
@@ -232,15 +251,10 @@ def encode_corpus(corpus_dir, tokenizer, max_length: int, *, shards=None, finish
   todo = [s for s in (range(manifest['shards']) if shards is None else shards) if not lengths_file(s).is_file()]
   for shard in tqdm(todo, desc=f'encode {corpus_dir.name}', unit=' shards', disable=not progress):
     rows = _text_records(corpus_dir / 'text', shard)
-    examples = readers.Examples([r[0] for r in rows], [r[1] for r in rows], np.array([r[2] for r in rows], np.int32),
-                                None, np.array([r[4] for r in rows], np.int64), str(corpus_dir),
-                                fingerprint=f'{key}:{shard}')
-    encoded = encode(tokenizer, examples, max_length)
+    lengths = []
     _write_records(enc_dir / f'{_shard_name(shard)}.array_record',
-                   (np.concatenate([encoded.input_ids[i, :n].astype(dtype.newbyteorder('<')).view(np.uint8),
-                                    encoded.token_type_ids[i, :n].astype(np.uint8)]).tobytes()
-                    for i, n in enumerate(encoded.lengths)))
-    _write_npy(lengths_file(shard), encoded.lengths.astype(np.int32))  # last: marks the shard complete
+                   _encoded_records(tokenizer, rows, max_length, dtype, f'{key}:{shard}', str(corpus_dir), lengths))
+    _write_npy(lengths_file(shard), np.concatenate(lengths))  # last: marks the shard complete
   if finish:
     missing = [s for s in range(manifest['shards']) if not lengths_file(s).is_file()]
     if missing:
