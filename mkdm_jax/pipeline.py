@@ -437,11 +437,11 @@ def corpus_rows(cfg: Config, tokenizer):
   """The --unlabelled_corpus encoded with `tokenizer` (each process encodes its share of missing shards)."""
   index, count = jax.process_index(), jax.process_count()
   shards = data_lib.corpus.read_manifest(cfg.unlabelled_corpus)['shards']
-  data_lib.corpus.encode_corpus(cfg.unlabelled_corpus, tokenizer, cfg.max_length, shards=range(index, shards, count),
-                                finish=False, progress=cfg.progress)
+  data_lib.corpus.encode_shards(cfg.unlabelled_corpus, tokenizer, cfg.max_length, range(index, shards, count),
+                                progress=cfg.progress)
   sync_processes('corpus encoded')
   if index == 0:
-    data_lib.corpus.encode_corpus(cfg.unlabelled_corpus, tokenizer, cfg.max_length, shards=(), progress=False)
+    data_lib.corpus.finish_encoding(cfg.unlabelled_corpus, tokenizer, cfg.max_length)
   sync_processes('corpus encoding finished')
   return data_lib.corpus.CorpusRows(cfg.unlabelled_corpus, tokenizer, cfg.max_length)
 

@@ -81,6 +81,23 @@ def test_corpus_rows_and_batches_equal_the_in_memory_path(tmp_path, tokenizer, m
   assert {a['input_ids'].shape[1] for a in streamed} == {16, 32}
 
 
+def test_an_encoding_is_finished_only_when_every_process_has_encoded_its_shards(tmp_path, tokenizer):
+  """Processes encode their shares (shards p mod 2) with encode_shards; finish_encoding then writes the manifest,
+  and refuses, naming the missing shards, while a share is not done; unfinished encodings cannot be read."""
+  source = write_corpus_file(tmp_path / 'a.tsv', 70)
+  corpus.prepare([source], tmp_path / 'corpus', OPTIONS, rows_per_shard=16, progress=False)  # 5 shards
+  enc_dir = corpus.encode_shards(tmp_path / 'corpus', tokenizer, 32, range(0, 5, 2), progress=False)
+  assert sorted(p.name for p in enc_dir.glob('*.lengths.npy')) == [f'shard-0000{i}.lengths.npy' for i in (0, 2, 4)]
+  with pytest.raises(UserError, match=r'shards \[1, 3\] are not encoded yet'):
+    corpus.finish_encoding(tmp_path / 'corpus', tokenizer, 32)
+  with pytest.raises(UserError, match='no finished encoding'):
+    corpus.CorpusRows(tmp_path / 'corpus', tokenizer, 32)
+  corpus.encode_shards(tmp_path / 'corpus', tokenizer, 32, range(1, 5, 2), progress=False)
+  assert corpus.finish_encoding(tmp_path / 'corpus', tokenizer, 32) == enc_dir
+  np.testing.assert_array_equal(corpus.CorpusRows(tmp_path / 'corpus', tokenizer, 32).lengths,
+                                in_memory([source], tokenizer, 32).lengths)
+
+
 def test_prepare_resumes_after_a_kill_without_rewriting_finished_shards(tmp_path, monkeypatch):
   source = write_corpus_file(tmp_path / 'a.tsv', 70)
   reference = corpus.prepare([source], tmp_path / 'reference', OPTIONS, rows_per_shard=16, progress=False)

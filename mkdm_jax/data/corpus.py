@@ -232,36 +232,49 @@ def _encoded_records(tokenizer, rows, max_length, dtype, fingerprint, source, le
                             encoded.token_type_ids[i, :n].astype(np.uint8)]).tobytes()
 
 
-def encode_corpus(corpus_dir, tokenizer, max_length: int, *, shards=None, finish=True, progress=True) -> Path:
-  """Adds (or completes) the corpus's encoding for `tokenizer` at `max_length`; returns its folder.
-
-  `shards`: which shards to encode when missing (default all; processes pass their own, e.g. range(p, S, n)).
-  `finish`: then write the encoding's manifest, which needs every shard (one process does this after all
-  have encoded theirs).
-  """
+def _encoding(corpus_dir, tokenizer, max_length: int):
+  """(corpus manifest, encoding folder, token-id dtype, lengths file of shard i) of one encoding."""
   corpus_dir = Path(corpus_dir)
-  manifest = read_manifest(corpus_dir)
-  key = encoding_key(tokenizer, max_length)
-  enc_dir = corpus_dir / f'enc-{key}'
+  enc_dir = corpus_dir / f'enc-{encoding_key(tokenizer, max_length)}'
+  dtype = np.dtype(np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.int32)
+  return read_manifest(corpus_dir), enc_dir, dtype, lambda shard: enc_dir / f'{_shard_name(shard)}.lengths.npy'
+
+
+def encode_shards(corpus_dir, tokenizer, max_length: int, shards, *, progress=True) -> Path:
+  """Encodes those of `shards` not yet encoded for `tokenizer` at `max_length` (processes pass their own
+  share, e.g. range(p, S, n)); returns the encoding's folder. `finish_encoding` completes it."""
+  manifest, enc_dir, dtype, lengths_file = _encoding(corpus_dir, tokenizer, max_length)
   if (enc_dir / MANIFEST).is_file():
     return enc_dir
   enc_dir.mkdir(exist_ok=True)
-  dtype = np.dtype(np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.int32)
-  lengths_file = lambda shard: enc_dir / f'{_shard_name(shard)}.lengths.npy'
-  todo = [s for s in (range(manifest['shards']) if shards is None else shards) if not lengths_file(s).is_file()]
-  for shard in tqdm(todo, desc=f'encode {corpus_dir.name}', unit=' shards', disable=not progress):
-    rows = _text_records(corpus_dir / 'text', shard)
+  todo = [s for s in shards if not lengths_file(s).is_file()]
+  for shard in tqdm(todo, desc=f'encode {Path(corpus_dir).name}', unit=' shards', disable=not progress):
+    rows = _text_records(Path(corpus_dir) / 'text', shard)
     lengths = []
     _write_records(enc_dir / f'{_shard_name(shard)}.array_record',
-                   _encoded_records(tokenizer, rows, max_length, dtype, f'{key}:{shard}', str(corpus_dir), lengths))
+                   _encoded_records(tokenizer, rows, max_length, dtype, f'{enc_dir.name}:{shard}', str(corpus_dir),
+                                    lengths))
     _write_npy(lengths_file(shard), np.concatenate(lengths))  # last: marks the shard complete
-  if finish:
+  return enc_dir
+
+
+def finish_encoding(corpus_dir, tokenizer, max_length: int) -> Path:
+  """Writes the encoding's manifest once every shard is encoded (one process does this after all have
+  encoded their share); returns the encoding's folder."""
+  manifest, enc_dir, dtype, lengths_file = _encoding(corpus_dir, tokenizer, max_length)
+  if not (enc_dir / MANIFEST).is_file():
     missing = [s for s in range(manifest['shards']) if not lengths_file(s).is_file()]
     if missing:
       raise UserError(f'{enc_dir}: shards {missing[:5]} are not encoded yet (another process still working?)')
     _write_json(enc_dir / MANIFEST, {'tokenizer': tokenizer_fingerprint(tokenizer), 'max_length': max_length,
                                      'dtype': dtype.name, 'shards': manifest['shards']})
   return enc_dir
+
+
+def encode_corpus(corpus_dir, tokenizer, max_length: int, *, progress=True) -> Path:
+  """Adds (or completes) the corpus's encoding for `tokenizer` at `max_length`; returns its folder."""
+  encode_shards(corpus_dir, tokenizer, max_length, range(read_manifest(corpus_dir)['shards']), progress=progress)
+  return finish_encoding(corpus_dir, tokenizer, max_length)
 
 
 class CorpusLogits:
