@@ -85,10 +85,7 @@ def main(argv):
   workdir = pathlib.Path(cfg.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   with WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
-    results = pipeline.run(cfg)
-    if FLAGS.export_teacher_logits and jax.process_index() == 0:
-      for path in pipeline.export_teacher_logits(pipeline.make_context(cfg), FLAGS.export_teacher_logits):
-        print(f'exported {path}')
+    results = pipeline.run(cfg, export_teacher_logits_to=FLAGS.export_teacher_logits)
   if results is not None:
     print(pipeline.results_markdown(results))
 

@@ -1087,10 +1087,11 @@ def make_context(cfg: Config) -> Context:
                  primary=primary)
 
 
-def run(cfg: Config):
+def run(cfg: Config, *, export_teacher_logits_to=None):
   """Runs the configured stages in order; returns results.json's content when the report stage ran.
 
-  The caller holds the work-directory lock (see `mkdm_jax.workdir.WorkdirLock`).
+  `export_teacher_logits_to`: then (process 0) writes every teacher's stored logits there
+  (`export_teacher_logits`). The caller holds the work-directory lock (see `mkdm_jax.workdir.WorkdirLock`).
   """
   ctx = make_context(cfg)
   check_saved_runs(ctx)
@@ -1103,4 +1104,6 @@ def run(cfg: Config):
     if stage in cfg.stages:
       log.info('stage %s', stage)
       results = STAGE_FUNCTIONS[stage](ctx)
+  if export_teacher_logits_to and jax.process_index() == 0:
+    export_teacher_logits(ctx, export_teacher_logits_to)
   return results
