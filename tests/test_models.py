@@ -400,3 +400,30 @@ def test_legacy_gamma_beta_layernorm_names_load(minilm_dir):
   renamed = hf_state_to_encoder_params(legacy, config)
   for a, b in zip(jax.tree.leaves(renamed), jax.tree.leaves(params)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_training_attention_values_and_gradients_equal_plain_softmax_attention():
+  """The training path (einsum, normalisation applied to the context, shift by a stop-gradient row maximum)
+  gives the values and gradients of textbook masked softmax attention (no dropout here)."""
+  from mkdm_jax.models.bert import BertSelfAttention
+  cfg = dataclasses.replace(TINY_BERT, attention_dropout=0.0)
+  layer = BertSelfAttention(cfg)
+  _, _, mask = random_batch(1)
+  b, l = mask.shape
+  x = np.random.default_rng(2).normal(size=(b * l, cfg.hidden_size)).astype(np.float32)
+  params = layer.init(jax.random.key(0), x, mask, True)['params']
+  h, d = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+
+  def textbook(p, x):
+    dense = lambda name, t: t @ p[name]['kernel'] + p[name]['bias']
+    split = lambda t: t.reshape(b, l, h, d).transpose(0, 2, 1, 3)
+    scores = jnp.einsum('bhqd,bhkd->bhqk', split(dense('query', x)), split(dense('key', x))) / np.sqrt(d)
+    probs = jax.nn.softmax(jnp.where(mask[:, None, None, :] == 1, scores, -jnp.inf), axis=-1)
+    ctx = jnp.einsum('bhqk,bhkd->bhqd', probs, split(dense('value', x))).transpose(0, 2, 1, 3).reshape(b * l, -1)
+    return dense('output', ctx)
+
+  training = lambda p, x: layer.apply({'params': p}, x, mask, False)[0]
+  np.testing.assert_allclose(training(params, x), textbook(params, x), atol=1e-5)
+  loss = lambda f: lambda p, x: jnp.sum(f(p, x) * jnp.cos(jnp.arange(b * l * cfg.hidden_size).reshape(b * l, -1)))
+  got, want = (jax.grad(loss(f), argnums=(0, 1))(params, x) for f in (training, textbook))
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-5), got, want)
