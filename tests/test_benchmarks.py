@@ -101,3 +101,19 @@ def test_scale_smoke(tmp_path):
   assert 16 < result['disk_bytes_per_pair']['logits'][1] < 40
   assert len(result['train_stream_vs_memory']) == 2 and all(positive(r) for r in result['train_stream_vs_memory'])
   assert result['machine']['cpu_model']
+
+
+def test_profile_step_quick(tmp_path):
+  """benchmarks/profile_step.py --quick: the traced train step's HLO ops, grouped, with shares of op time that
+  add up to 1 and output shapes read from the compiled HLO; checks the report, never the speed."""
+  out = tmp_path / 'profile'
+  proc = subprocess.run([sys.executable, str(SPEED.parent / 'profile_step.py'), '--quick', f'--out={out}'],
+                        env={**os.environ, 'JAX_PLATFORMS': 'cpu'}, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((out / 'ops.json').read_text())
+  ops = {g['op']: g for g in result['ops']}
+  assert sum(g['share'] for g in result['ops']) == pytest.approx(1.0)
+  assert ops['dot_general']['per_step'] > 0 and ops['dot_general']['ms_per_step'] > 0
+  # The embedding gradient's zero fill: the tiny BERT's word table, 30,522 x 32.
+  assert 'f32[30522,32]' in ops['wrapped_broadcast']['shapes']
+  assert '| dot_general |' in (out / 'ops.md').read_text()
