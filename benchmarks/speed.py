@@ -644,7 +644,9 @@ def machine_info():
   import transformers
   return {**provenance.record(), **provenance.versions(), 'cpu_cores': os.cpu_count(), 'cores_usable': len(os.sched_getaffinity(0)),
           'platform': platform.platform(), 'torch': torch.__version__, 'transformers': transformers.__version__,
-          'jax_backend': jax.default_backend(), 'gpu': None, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+          'jax_backend': jax.default_backend(),
+          'gpu': jax.devices()[0].device_kind if jax.default_backend() == 'gpu' else None,
+          'xla_flags': os.environ.get('XLA_FLAGS', ''),
           'load_average_start': os.getloadavg()}
 
 
