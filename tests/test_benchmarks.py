@@ -24,7 +24,7 @@ def test_speed_quick(tmp_path):
   out = tmp_path / 'speed.json'
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   proc = subprocess.run([sys.executable, str(SPEED), '--quick', f'--out={out}'], env=env,
-                        capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
   for key in HEADLINE:
