@@ -7,14 +7,17 @@ A corpus folder (written by `prepare`, one streaming pass with bounded memory, r
   text/shard-00000.array_record      one record per row: JSON [text_a, text_b, label, group, row key]
   text/shard-00000.rows.npz          that shard's row keys (int64) and labels (int8, -1 = none)
   enc-<key>/manifest.json            one encoding (`encode`): tokenizer, max length, token-id dtype
-  enc-<key>/shard-00000.array_record the shard's token ids then type ids, unpadded
-  enc-<key>/shard-00000.lengths.npy  tokens per row
+  enc-<key>/shard-00000.ids.npy      the shard's token ids, unpadded, row after row (uint16 or int32)
+  enc-<key>/shard-00000.types.npy    their token type ids (uint8)
+  enc-<key>/shard-00000.lengths.npy  tokens per row (int32; written last: marks the shard complete)
 
 Shards hold `rows_per_shard` consecutive rows of the sources read in order (the last one fewer). Row keys are
 `readers.row_key`s, occurrences counted per source file as the in-memory readers do, so a prepared corpus and
 the same file read into memory give the same ids. Every shard file is written under a temporary name and
 renamed when complete; a rerun continues after the last complete shard (encodings likewise).
-ArrayRecord files use `group_size:1`, the layout for random access by record.
+ArrayRecord files use `group_size:1`, the layout for random access by record. Encodings are flat arrays, memory
+mapped when read: a batch is one numpy gather per shard it touches, where an ArrayRecord read cost about 0.13 ms
+a call (a 32-row batch of a 1M-pair corpus touches 16 shards; BENCHMARKS.md, Scale).
 """
 import dataclasses
 import hashlib
@@ -39,6 +42,7 @@ MANIFEST = 'manifest.json'
 PLAN = 'prepare.json'  # the options of an unfinished prepare, to refuse a resume with other ones
 WRITER_OPTIONS = 'group_size:1'
 FORMAT_VERSION = 1
+ENCODING_LAYOUT = 2  # flat .npy token arrays (1: one ArrayRecord record per row); part of the encoding's key
 
 
 def _shard_name(i: int) -> str:
@@ -205,7 +209,8 @@ def read_manifest(corpus_dir) -> dict:
 
 
 def encoding_key(tokenizer, max_length: int) -> str:
-  return hashlib.sha256(f'{tokenizer_fingerprint(tokenizer)}\n{max_length}'.encode()).hexdigest()[:16]
+  text = f'{tokenizer_fingerprint(tokenizer)}\n{max_length}\nlayout {ENCODING_LAYOUT}'
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _text_records(text_dir: Path, shard: int) -> list[list]:
@@ -216,20 +221,22 @@ def _text_records(text_dir: Path, shard: int) -> list[list]:
 ENCODE_CHUNK = 4096  # rows per tokenizer call: its Encoding objects (about 5 KB a row) stay a few MB
 
 
-def _encoded_records(tokenizer, rows, max_length, dtype, fingerprint, source, lengths):
-  """Each text row's encoding record (token ids in `dtype`, then uint8 type ids, unpadded), tokenised
+def _encode_rows(tokenizer, rows, max_length, dtype, fingerprint, source):
+  """(token ids in `dtype`, uint8 type ids, int32 lengths) of text rows, unpadded and concatenated, tokenised
   ENCODE_CHUNK rows at a time so the tokenizer's per-row objects never hold a whole shard (a 65,536-row call
-  held about 500 MB, and glibc's per-thread arenas kept it); appends each chunk's int32 lengths to `lengths`."""
+  held about 500 MB, and glibc's per-thread arenas kept it)."""
+  ids, types, lengths = [], [], []
   for start in range(0, len(rows), ENCODE_CHUNK):
     chunk = rows[start:start + ENCODE_CHUNK]
     examples = readers.Examples([r[0] for r in chunk], [r[1] for r in chunk], np.array([r[2] for r in chunk], np.int32),
                                 None, np.array([r[4] for r in chunk], np.int64), source,
                                 fingerprint=f'{fingerprint}:{start}')
     encoded = encode(tokenizer, examples, max_length)
+    real = encoded.attention_mask.astype(bool)  # right padding: row-major order keeps each row's tokens together
+    ids.append(encoded.input_ids[real].astype(dtype))
+    types.append(encoded.token_type_ids[real].astype(np.uint8))
     lengths.append(encoded.lengths.astype(np.int32))
-    for i, n in enumerate(encoded.lengths):
-      yield np.concatenate([encoded.input_ids[i, :n].astype(dtype.newbyteorder('<')).view(np.uint8),
-                            encoded.token_type_ids[i, :n].astype(np.uint8)]).tobytes()
+  return np.concatenate(ids), np.concatenate(types), np.concatenate(lengths)
 
 
 def _encoding(corpus_dir, tokenizer, max_length: int):
@@ -250,11 +257,10 @@ def encode_shards(corpus_dir, tokenizer, max_length: int, shards, *, progress=Tr
   todo = [s for s in shards if not lengths_file(s).is_file()]
   for shard in tqdm(todo, desc=f'encode {Path(corpus_dir).name}', unit=' shards', disable=not progress):
     rows = _text_records(Path(corpus_dir) / 'text', shard)
-    lengths = []
-    _write_records(enc_dir / f'{_shard_name(shard)}.array_record',
-                   _encoded_records(tokenizer, rows, max_length, dtype, f'{enc_dir.name}:{shard}', str(corpus_dir),
-                                    lengths))
-    _write_npy(lengths_file(shard), np.concatenate(lengths))  # last: marks the shard complete
+    ids, types, lengths = _encode_rows(tokenizer, rows, max_length, dtype, f'{enc_dir.name}:{shard}', str(corpus_dir))
+    _write_npy(enc_dir / f'{_shard_name(shard)}.ids.npy', ids)
+    _write_npy(enc_dir / f'{_shard_name(shard)}.types.npy', types)
+    _write_npy(lengths_file(shard), lengths)  # last: marks the shard complete
   return enc_dir
 
 
@@ -313,10 +319,10 @@ class CorpusRows:
     if not (enc_dir / MANIFEST).is_file():
       raise UserError(f'{self.corpus_dir}: no finished encoding for this tokenizer at max_length {max_length}; '
                       'run encode_corpus (the logits stage does) first')
-    self._dtype = np.dtype(json.loads((enc_dir / MANIFEST).read_text())['dtype'])
     shards = [_shard_name(i) for i in range(manifest['shards'])]
     self.max_length = max_length
-    self.lengths = np.concatenate([np.load(enc_dir / f'{s}.lengths.npy') for s in shards])
+    per_shard_lengths = [np.load(enc_dir / f'{s}.lengths.npy') for s in shards]
+    self.lengths = np.concatenate(per_shard_lengths)
     self.shard_rows = []
     ids, labels = [], []
     for s in shards:
@@ -328,26 +334,17 @@ class CorpusRows:
     self.groups = None
     self.fingerprint = hashlib.sha256(
         f'{json.dumps(manifest["sources"], sort_keys=True)}\n{enc_dir.name}'.encode()).hexdigest()
-    self._files = [str(enc_dir / f'{s}.array_record') for s in shards]
-    self._readers = [None] * len(shards)
     self._shard_starts = np.cumsum([0] + self.shard_rows)
+    # Each row's first token within its shard's flat arrays (int64: 8 bytes a row), and the arrays, mapped lazily.
+    self._token_starts = np.concatenate([np.cumsum(n, dtype=np.int64) - n for n in per_shard_lengths])
+    self._enc_dir, self._shard_names = enc_dir, shards
+    self._arrays = [None] * len(shards)
 
-  def _records(self, rows: np.ndarray) -> list[bytes]:
-    """The encoded records at global positions `rows`, in order.
-
-    One reader per shard, read with one `read(positions)` call each: grain's ArrayRecordDataSource does the
-    same through a new thread pool per call, which cost 7 ms per 32-row batch here.
-    """
-    shard = np.searchsorted(self._shard_starts, rows, side='right') - 1
-    records = [None] * len(rows)
-    for s in np.unique(shard):
-      if self._readers[s] is None:  # the options of grain's ArrayRecordDataSource for random access
-        self._readers[s] = array_record_module.ArrayRecordReader(
-            self._files[s], options='readahead_buffer_size:0', file_reader_buffer_size=32768)
-      at = np.flatnonzero(shard == s)
-      for i, record in zip(at, self._readers[s].read((rows[at] - self._shard_starts[s]).tolist())):
-        records[i] = record
-    return records
+  def _shard_arrays(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+    if self._arrays[shard] is None:
+      name = self._enc_dir / self._shard_names[shard]
+      self._arrays[shard] = (np.load(f'{name}.ids.npy', mmap_mode='r'), np.load(f'{name}.types.npy', mmap_mode='r'))
+    return self._arrays[shard]
 
   def __len__(self):
     return len(self.ids)
@@ -355,23 +352,16 @@ class CorpusRows:
   def tokens(self, rows, length: int) -> dict[str, np.ndarray]:
     """input_ids, token_type_ids, attention_mask int32 [len(rows), length] of the rows at these positions."""
     rows = np.asarray(rows)
-    out = {k: np.zeros((len(rows), length), np.int32) for k in ('input_ids', 'token_type_ids', 'attention_mask')}
-    width = self._dtype.itemsize
-    buffer = np.frombuffer(b''.join(self._records(rows)), np.uint8)
-    # Decoded for the whole batch at once (a Python loop over rows was 30x slower): token t of row r sits
-    # at byte start[r] + width * t (id) and start[r] + width * n[r] + t (type id).
-    n = self.lengths[rows].astype(np.int64)
-    start = np.concatenate([[0], np.cumsum(n * (width + 1))[:-1]])
-    row = np.repeat(np.arange(len(rows)), n)
-    position = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
-    id_bytes = np.repeat(start, n) + width * position
-    ids = np.zeros(len(position), np.int64)
-    for byte in range(width):  # little-endian, as written by `encode_corpus` on x86 and ARM
-      ids |= buffer[id_bytes + byte].astype(np.int64) << (8 * byte)
-    out['input_ids'][row, position] = ids
-    out['token_type_ids'][row, position] = buffer[np.repeat(start + width * n, n) + position]
-    out['attention_mask'][row, position] = 1
-    return out
+    real = np.arange(length)[None, :] < self.lengths[rows][:, None]
+    input_ids, token_type_ids = np.zeros((2, len(rows), length), np.int32)
+    # Token t of row r is element token_starts[r] + t of its shard's flat arrays: one gather per shard touched.
+    flat = self._token_starts[rows][:, None] + np.arange(length)[None, :]
+    shard = np.searchsorted(self._shard_starts, rows, side='right') - 1
+    for s in np.unique(shard):
+      ids, types = self._shard_arrays(s)
+      mask = real & (shard == s)[:, None]
+      input_ids[mask], token_type_ids[mask] = ids[flat[mask]], types[flat[mask]]
+    return {'input_ids': input_ids, 'token_type_ids': token_type_ids, 'attention_mask': real.astype(np.int32)}
 
   def shard_encoded(self, shard: int) -> Encoded:
     """The rows of one shard as an in-memory `Encoded` (for scoring shard by shard)."""
