@@ -14,7 +14,8 @@ For each variant and each method pair of --pair whose methods it runs: both meth
 difference A - B with its 95% interval over questions (each question's score averaged over seeds first), the
 teachers' diversity on dev, and against the reference variant the change of the difference (per question:
 (A - B) in the variant minus (A - B) in the reference), with its interval and sign-flip p-value. Writes
-<workdir>/factors.json and <workdir>/factors.md.
+<workdir>/factors.json and <workdir>/factors.md. With --report_only, a variant other than the reference that has
+no records yet is listed as not run, so a factor analysis spread over sessions can be reported as it lands.
 """
 import json
 import pathlib
@@ -43,7 +44,8 @@ flags.DEFINE_list('seeds', ['0', '1'], 'Student seeds of every variant.')
 flags.DEFINE_list('pair', ['mkdm:kd_single'], 'Method pairs A:B whose difference the variants may move.')
 flags.DEFINE_multi_string('variant', [], 'NAME:FLAGS, run.py flags separated by spaces; the first is the reference.')
 flags.DEFINE_string('metric', 'map', 'Per-question score: map (average precision) or mrr (reciprocal rank).')
-flags.DEFINE_bool('report_only', False, 'Train nothing: report the records found.')
+flags.DEFINE_bool('report_only', False, 'Train nothing: report the records found (variants without any '
+                  'are listed as not run).')
 
 flags.mark_flags_as_required(['base_flagfile', 'workdir'])
 
@@ -122,6 +124,8 @@ def markdown(report):
           f"{t['mean_difference']:+.4f} [{t['ci_low']:+.4f}, {t['ci_high']:+.4f}] | "
           + (f"{change['mean_difference']:+.4f} [{change['ci_low']:+.4f}, {change['ci_high']:+.4f}] | "
              f"{change['p_value']:.4f} |" if change else '- | - |'))
+  if report['not_run']:
+    lines += ['', 'Not run yet (no records): ' + ', '.join(f'`{name}`' for name in report['not_run']) + '.']
   return '\n'.join(lines) + '\n'
 
 
@@ -135,9 +139,15 @@ def main(argv):
   if not pathlib.Path(FLAGS.base_flagfile).is_file():
     raise UserError(f'--base_flagfile={FLAGS.base_flagfile}: no such file')
   pairs = [tuple(p.split(':')) for p in FLAGS.pair]
-  reference, out = {}, []
+  reference, out, not_run = {}, [], []
   for i, (name, variant_flags) in enumerate(variants):
-    study = run_variant(name, variant_flags, extra, records_dir(name, i == 0))
+    records_folder = records_dir(name, i == 0)
+    if FLAGS.report_only and i and not any(
+        (records_folder / f'{FLAGS.student}_seed{seed}.json').exists() for seed in FLAGS.seeds):
+      print(f'variant {name}: no records in {records_folder} yet: listed as not run', flush=True)
+      not_run.append(name)
+      continue
+    study = run_variant(name, variant_flags, extra, records_folder)
     records = variant_records(study)
     methods = set(study['methods'])
     entry = {'name': name, 'flags': variant_flags, 'seeds': len(records),
@@ -157,7 +167,8 @@ def main(argv):
       entry['pairs'].append(test)
     out.append(entry)
   report = {'base_flagfile': FLAGS.base_flagfile, 'extra_flags': extra, 'student': FLAGS.student,
-            'seeds': FLAGS.seeds, 'metric': FLAGS.metric, 'provenance': provenance.record(), 'variants': out}
+            'seeds': FLAGS.seeds, 'metric': FLAGS.metric, 'provenance': provenance.record(), 'variants': out,
+            'not_run': not_run}
   root = pathlib.Path(FLAGS.workdir)
   (root / 'factors.json').write_text(json.dumps(report, indent=1))
   (root / 'factors.md').write_text(markdown(report))

@@ -47,6 +47,15 @@ def test_variants_and_the_change_of_the_difference(tmp_path, xla_cache):
   change = report['variants'][1]['pairs'][0]['change']
   assert f"| alpha=0.9 | `--alpha=0.9` | 1 |" in table and f"{change['mean_difference']:+.4f}" in table
 
+  # --report_only trains nothing and lists a variant without records as not run; the others are reported as before.
+  proc = run_factors(f'--base_flagfile={CI_TINY}', f'--workdir={root}', *COMMON, '--variant=T=4:--temperature=4',
+                     '--report_only', *RUN_FLAGS)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  partial = json.loads((root / 'factors.json').read_text())
+  assert partial['not_run'] == ['T=4'] and not (root / 'records' / 'T=4').exists()
+  assert [v['pairs'] for v in partial['variants']] == [v['pairs'] for v in report['variants']]
+  assert 'Not run yet (no records): `T=4`.' in (root / 'factors.md').read_text()
+
 
 @pytest.mark.parametrize('variants,message', [
     (['--variant=only:'], 'at least two --variant'),
