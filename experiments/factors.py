@@ -26,6 +26,7 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+import runs  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from mkdm_jax import provenance, stats  # noqa: E402
@@ -98,11 +99,8 @@ def question_differences(records, a, b):
 
 
 def variant_records(study):
-  out = []
-  for run in study['runs']:
-    path = pathlib.Path(study['records']) / f"{run['student']}_seed{run['seed']}.json"
-    out.append(json.loads(path.read_text()))
-  return out
+  return [json.loads(runs.record_path(study['records'], run['student'], run['seed']).read_text())
+          for run in study['runs']]
 
 
 def markdown(report):
@@ -143,7 +141,7 @@ def main(argv):
   for i, (name, variant_flags) in enumerate(variants):
     records_folder = records_dir(name, i == 0)
     if FLAGS.report_only and i and not any(
-        (records_folder / f'{FLAGS.student}_seed{seed}.json').exists() for seed in FLAGS.seeds):
+        runs.record_path(records_folder, FLAGS.student, seed).exists() for seed in FLAGS.seeds):
       print(f'variant {name}: no records in {records_folder} yet: listed as not run', flush=True)
       not_run.append(name)
       continue

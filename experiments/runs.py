@@ -1,4 +1,4 @@
-"""Running experiments/run.py as a subprocess per variant or seed (shared by ablate.py and study.py)."""
+"""Running experiments/run.py as a subprocess per variant or seed (shared by ablate.py, study.py and factors.py)."""
 import json
 import pathlib
 import subprocess
@@ -19,6 +19,11 @@ def parse_extra_flags(args, reserved, tool):
     if name in reserved:
       raise UserError(f'{arg}: --{name} is set by {tool} itself')
   return list(args)
+
+
+def record_path(records_dir, student, seed):
+  """Where study.py keeps the record of one student architecture and seed (factors.py reads them there)."""
+  return pathlib.Path(records_dir) / f'{student}_seed{seed}.json'
 
 
 def command(base, extra, *flags):

@@ -328,7 +328,7 @@ def main(argv):
   with WorkdirLock(root):
     records, missing = [], []
     for i, (arch, seed) in enumerate(planned):
-      path, settings = records_dir / f'{arch}_seed{seed}.json', run_settings(cfg, arch, seed)
+      path, settings = runs.record_path(records_dir, arch, seed), run_settings(cfg, arch, seed)
       label = f'[{i + 1}/{len(planned)}] {arch} seed {seed}'
       if path.exists():
         records.append(load_record(path, settings))
