@@ -14,25 +14,20 @@ import collections
 import json
 import pathlib
 import re
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from mkdm_jax import cli  # first: sets the XLA CPU flags before jax is imported
 
-from mkdm_jax import runtime  # noqa: E402
+import jax
+import numpy as np
+from absl import app, flags
 
-runtime.configure_xla_cpu()  # before jax is imported
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from mkdm_jax import data as data_lib  # noqa: E402
-from mkdm_jax import models, provenance  # noqa: E402
-from mkdm_jax.allocator import keep_freed_memory  # noqa: E402
-from mkdm_jax.models import factory  # noqa: E402
-from mkdm_jax.train import optim  # noqa: E402
-from mkdm_jax.train import step as step_lib  # noqa: E402
+from mkdm_jax import data as data_lib
+from mkdm_jax import models, provenance
+from mkdm_jax.allocator import keep_freed_memory
+from mkdm_jax.models import factory
+from mkdm_jax.train import optim
+from mkdm_jax.train import step as step_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('out', None, 'Output folder (ops.json, ops.md, trace/).')

@@ -18,17 +18,16 @@ Rerunning the same command resumes: run.py skips finished stages and resumes int
 import json
 import pathlib
 import re
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from mkdm_jax import cli  # first: sets the XLA CPU flags before jax is imported
 
-import runs  # noqa: E402
-from absl import app, flags  # noqa: E402
+import runs
+from absl import flags
 
-from mkdm_jax import distill  # noqa: E402
-from mkdm_jax.errors import UserError  # noqa: E402
-from mkdm_jax.metrics import METRICS  # noqa: E402
-from mkdm_jax.workdir import WorkdirLock, run_cli  # noqa: E402
+from mkdm_jax import distill
+from mkdm_jax.errors import UserError
+from mkdm_jax.metrics import METRICS
+from mkdm_jax.workdir import WorkdirLock
 
 RESERVED_FLAGS = ('workdir', 'shared_dir', 'flagfile')
 
@@ -180,4 +179,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  run_cli(lambda: app.run(main))
+  cli.main(main)

@@ -16,21 +16,15 @@ are computed). To score a file too large for memory, use experiments/score.py.
 """
 import json
 import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from mkdm_jax import cli  # first: sets the XLA CPU flags before jax is imported
 
-from mkdm_jax import runtime  # noqa: E402
+import jax
+from absl import flags
 
-runtime.configure_xla_cpu()  # before jax is imported
-
-import jax  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from mkdm_jax import data as data_lib  # noqa: E402
-from mkdm_jax import models, predictions, saved_model, train  # noqa: E402
-from mkdm_jax.errors import UserError  # noqa: E402
-from mkdm_jax.workdir import run_cli  # noqa: E402
+from mkdm_jax import data as data_lib
+from mkdm_jax import models, predictions, saved_model, train
+from mkdm_jax.errors import UserError
 
 FILE_TASKS = ('tsv', 'jsonl')
 
@@ -104,4 +98,4 @@ def main(argv):
   print(json.dumps(report, indent=1))
 
 if __name__ == '__main__':
-  run_cli(lambda: app.run(main))
+  cli.main(main)

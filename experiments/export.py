@@ -8,20 +8,14 @@ BiLSTM students have no Hugging Face equivalent and are refused. --onnx adds mod
 (and --onnx_int8 its dynamically quantised int8 twin, model.int8.onnx); see mkdm_jax/models/onnx_export.py.
 """
 import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from mkdm_jax import cli  # first: sets the XLA CPU flags before jax is imported
 
-from mkdm_jax import runtime  # noqa: E402
+from absl import flags
 
-runtime.configure_xla_cpu()  # before jax is imported
-
-from absl import app, flags  # noqa: E402
-
-from mkdm_jax import models, saved_model  # noqa: E402
-from mkdm_jax.models import onnx_export  # noqa: E402
-from mkdm_jax.errors import UserError  # noqa: E402
-from mkdm_jax.workdir import run_cli  # noqa: E402
+from mkdm_jax import models, saved_model
+from mkdm_jax.models import onnx_export
+from mkdm_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model', None, 'Saved model folder (a teacher or student folder of a work directory).')
@@ -50,4 +44,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  run_cli(lambda: app.run(main))
+  cli.main(main)

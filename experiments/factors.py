@@ -23,15 +23,14 @@ import re
 import subprocess
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from mkdm_jax import cli  # first: sets the XLA CPU flags before jax is imported
 
-import numpy as np  # noqa: E402
-import runs  # noqa: E402
-from absl import app, flags  # noqa: E402
+import numpy as np
+import runs
+from absl import flags
 
-from mkdm_jax import provenance, stats  # noqa: E402
-from mkdm_jax.errors import UserError  # noqa: E402
-from mkdm_jax.workdir import run_cli  # noqa: E402
+from mkdm_jax import provenance, stats
+from mkdm_jax.errors import UserError
 
 STUDY_PY = pathlib.Path(__file__).with_name('study.py')
 
@@ -174,4 +173,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  run_cli(lambda: app.run(main))
+  cli.main(main)

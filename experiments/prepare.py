@@ -12,17 +12,15 @@ summary (rows, shards, sources with sha256, encodings, disk bytes per pair).
 import glob
 import json
 import pathlib
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from mkdm_jax import cli  # first: sets the XLA CPU flags before jax is imported
 
-from absl import app, flags  # noqa: E402
+from absl import flags
 
-from mkdm_jax import allocator, models  # noqa: E402
-from mkdm_jax.data import corpus  # noqa: E402
-from mkdm_jax.errors import UserError  # noqa: E402
-from mkdm_jax.workdir import run_cli  # noqa: E402
+from mkdm_jax import allocator, models
+from mkdm_jax.data import corpus
+from mkdm_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('input', None, 'Pair files (TSV or JSON lines), comma-separated; shell globs are expanded '
@@ -83,4 +81,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  run_cli(lambda: app.run(main))
+  cli.main(main)

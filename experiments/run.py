@@ -11,22 +11,17 @@ this script parses flags, sets up the process (XLA CPU flags, allocator, multi-h
 import contextlib
 import dataclasses
 import pathlib
-import sys
 import typing
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from mkdm_jax import cli  # first: sets the XLA CPU flags before jax is imported
 
-from mkdm_jax import runtime  # noqa: E402
+import jax
+from absl import flags, logging
 
-runtime.configure_xla_cpu()
-
-import jax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-
-from mkdm_jax import pipeline  # noqa: E402
-from mkdm_jax.allocator import keep_freed_memory  # noqa: E402
-from mkdm_jax.errors import UserError  # noqa: E402
-from mkdm_jax.workdir import WorkdirLock, run_cli  # noqa: E402
+from mkdm_jax import pipeline
+from mkdm_jax.allocator import keep_freed_memory
+from mkdm_jax.errors import UserError
+from mkdm_jax.workdir import WorkdirLock
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('malloc', 'keep', ['keep', 'default'],
@@ -91,4 +86,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  run_cli(lambda: app.run(main))
+  cli.main(main)

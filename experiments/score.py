@@ -13,22 +13,16 @@ evaluate.py. TSV columns are header names, or 0-based indices for a file without
 """
 import json
 import pathlib
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from mkdm_jax import cli  # first: sets the XLA CPU flags before jax is imported
 
-from mkdm_jax import runtime  # noqa: E402
+import jax
+from absl import flags
 
-runtime.configure_xla_cpu()  # before jax is imported
-
-import jax  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from mkdm_jax import predictions, saved_model, train  # noqa: E402
-from mkdm_jax.data import readers  # noqa: E402
-from mkdm_jax.errors import UserError  # noqa: E402
-from mkdm_jax.workdir import run_cli  # noqa: E402
+from mkdm_jax import predictions, saved_model, train
+from mkdm_jax.data import readers
+from mkdm_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model', None, 'Saved model folder (a teacher or student folder of a work directory).')
@@ -84,4 +78,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  run_cli(lambda: app.run(main))
+  cli.main(main)

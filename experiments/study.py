@@ -29,18 +29,17 @@ horizontal lines).
 import dataclasses
 import json
 import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from mkdm_jax import cli  # first: sets the XLA CPU flags before jax is imported
 
-import numpy as np  # noqa: E402
-import runs  # noqa: E402
-from absl import app, flags  # noqa: E402
+import numpy as np
+import runs
+from absl import flags
 
-from mkdm_jax import distill, pipeline, provenance, stats  # noqa: E402
-from mkdm_jax.errors import UserError  # noqa: E402
-from mkdm_jax.metrics import average_precisions  # noqa: E402
-from mkdm_jax.workdir import WorkdirLock, run_cli  # noqa: E402
+from mkdm_jax import distill, pipeline, provenance, stats
+from mkdm_jax.errors import UserError
+from mkdm_jax.metrics import average_precisions
+from mkdm_jax.workdir import WorkdirLock
 
 RESERVED_FLAGS = ('workdir', 'shared_dir', 'flagfile', 'student_seed')
 NOT_COMPARED = ('workdir', 'shared_dir', 'progress', 'compilation_cache_dir')  # may differ between sessions
@@ -359,4 +358,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  run_cli(lambda: app.run(main))
+  cli.main(main)

@@ -1,8 +1,6 @@
-"""Work-directory lock and the command-line error boundary of the scripts."""
-import logging
+"""One run per work directory: an OS file lock."""
 import os
 import socket
-import sys
 from pathlib import Path
 
 import filelock
@@ -11,8 +9,6 @@ from mkdm_jax.errors import UserError
 
 LOCK_FILE = '.lock'
 OWNER_FILE = '.lock.owner'
-EXIT_USER_ERROR = 2
-EXIT_PREEMPTED = 143  # 128 + SIGTERM, the conventional status of a job stopped by SIGTERM
 
 
 class WorkdirLock:
@@ -46,25 +42,3 @@ class WorkdirLock:
   def __exit__(self, *exc):
     self.owner_path.unlink(missing_ok=True)
     self._lock.release()
-
-
-class QuietLibraries(logging.Filter):
-  """Drops INFO chatter of Orbax (several lines per checkpoint); its warnings still show."""
-
-  def filter(self, record):
-    return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
-
-
-def run_cli(main):
-  """Runs `main()`; user errors and preemption end with one clear line and no traceback."""
-  from absl import logging as absl_logging
-  from mkdm_jax.train import Preempted  # deferred: importing jax here would precede XLA flag setup
-  absl_logging.get_absl_handler().addFilter(QuietLibraries())
-  try:
-    main()
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(EXIT_USER_ERROR)
-  except Preempted as e:
-    print(str(e), file=sys.stderr)
-    sys.exit(EXIT_PREEMPTED)

@@ -15,7 +15,6 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 point, count, script, *rest = sys.argv[1:]
 count = int(count)
 seen = [0]

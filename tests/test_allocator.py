@@ -1,6 +1,5 @@
 """glibc allocator policies: keep_freed_memory reuses a freed big block without page faults; one_arena
 serves every thread from one heap (glibc only)."""
-import pathlib
 import platform
 import subprocess
 import sys
@@ -13,7 +12,6 @@ SIZE = 2**30 + 2**27  # above the 1 GiB trim threshold that once let a MiniLM tr
 # (Plain malloc: numpy asks for huge pages, which hides the faults this is about.)
 _SCRIPT = """
 import ctypes, resource, sys
-sys.path.insert(0, {root!r})
 if {keep}:
   from mkdm_jax.allocator import keep_freed_memory
   assert keep_freed_memory()
@@ -30,8 +28,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _refaults(keep):
-  root = str(pathlib.Path(__file__).resolve().parents[1])
-  out = subprocess.run([sys.executable, '-c', _SCRIPT.format(root=root, keep=keep, size=SIZE)],
+  out = subprocess.run([sys.executable, '-c', _SCRIPT.format(keep=keep, size=SIZE)],
                        capture_output=True, text=True, check=True)
   return int(out.stdout.split()[-1])
 
@@ -46,7 +43,6 @@ def test_keep_freed_memory_reuses_big_blocks():
 # Mallocs from 4 threads, then prints how many arenas glibc's malloc_stats reports (it writes to stderr).
 _ARENAS_SCRIPT = """
 import ctypes, sys, threading
-sys.path.insert(0, {root!r})
 if {one}:
   from mkdm_jax.allocator import one_arena
   assert one_arena()
@@ -61,8 +57,7 @@ libc.malloc_stats()
 
 
 def _arenas(one):
-  root = str(pathlib.Path(__file__).resolve().parents[1])
-  out = subprocess.run([sys.executable, '-c', _ARENAS_SCRIPT.format(root=root, one=one)],
+  out = subprocess.run([sys.executable, '-c', _ARENAS_SCRIPT.format(one=one)],
                        capture_output=True, text=True, check=True)
   return sum(line.startswith('Arena ') for line in out.stderr.splitlines())
 

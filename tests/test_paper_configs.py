@@ -77,7 +77,10 @@ def check_config(path):
   import jax
   import jax.numpy as jnp
   import tensorflow_datasets as tfds
-  import run
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('run', REPO / 'experiments' / 'run.py')
+  run = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(run)
   from mkdm_jax import data, distill, pipeline, train
   from mkdm_jax.models import factory
   run.FLAGS.unparse_flags()
@@ -107,9 +110,7 @@ def check_config(path):
 
 
 def main(out, paths):
-  sys.path[:0] = [str(REPO), str(REPO / 'experiments')]
-  from mkdm_jax import runtime
-  runtime.configure_xla_cpu()  # as run.py does, before jax is imported
+  from mkdm_jax import cli  # noqa: F401  (as run.py does: the XLA CPU flags before jax is imported)
   report = {}
   for path in paths:
     try:

@@ -24,3 +24,18 @@ def test_ci_installs_the_readme_requirements():
   for requirements in re.findall(r'-r (\S+)', setup):
     assert f'-r {requirements}' in ci, requirements
     assert (REPO / requirements).is_file(), requirements
+
+
+def test_setup_installs_the_package_with_its_requirements():
+  """One set-up line: the package (pyproject.toml reads requirements.txt as its dependencies) and CI agree."""
+  setup = readme_block('Set up (Python 3.11, CPU; from the repository root):')
+  assert 'pip install -e .' in setup and 'pip install -q -e .' in (REPO / '.ci' / 'run').read_text()
+  assert 'file = ["requirements.txt"]' in (REPO / 'pyproject.toml').read_text()
+
+
+def test_no_sys_path_edits():
+  """Entry points and tests import the installed package; none edits sys.path."""
+  offenders = [str(p.relative_to(REPO)) for folder in ('mkdm_jax', 'experiments', 'benchmarks', 'tests')
+               for p in (REPO / folder).rglob('*.py')
+               if p.name != 'test_repo.py' and ('sys.path.insert' in p.read_text() or 'sys.path[' in p.read_text())]
+  assert offenders == []

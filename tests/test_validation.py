@@ -93,8 +93,10 @@ def test_every_flagfile_gives_the_same_config_without_absl():
   repo = Path(__file__).resolve().parents[1]
   code = '''
 import dataclasses, json, sys
-sys.path[:0] = ['experiments', '.']
-import run
+import importlib.util
+spec = importlib.util.spec_from_file_location('run', 'experiments/run.py')
+run = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(run)
 from mkdm_jax import pipeline
 out = {}
 for path in sys.argv[1:]:

@@ -31,17 +31,13 @@ args = parser.parse_args()
 logging.basicConfig(level=logging.INFO)
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            f' --xla_force_host_platform_device_count={args.devices}')
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mkdm_jax import cli  # noqa: E402  (after XLA_FLAGS above; sets the XLA CPU flags before jax)
 
-from mkdm_jax import runtime  # noqa: E402
-
-runtime.configure_xla_cpu()
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mkdm_jax import models, train  # noqa: E402
 from mkdm_jax.train import loop  # noqa: E402
-from mkdm_jax.workdir import run_cli  # noqa: E402
 from synthetic import synthetic_data  # noqa: E402
 
 
@@ -84,4 +80,4 @@ def main():
     np.savez(args.out, **flat)
 
 
-run_cli(main)
+cli.guarded(main)
