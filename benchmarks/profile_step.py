@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 
 from mkdm_jax import data as data_lib
-from mkdm_jax import models, provenance
+from mkdm_jax import losses, models, provenance
 from mkdm_jax.allocator import keep_freed_memory
 from mkdm_jax.models import factory
 from mkdm_jax.train import optim
@@ -60,7 +60,7 @@ def train_step(quick):
   logits = np.random.default_rng(0).normal(size=(batch_size, NUM_TEACHERS, NUM_CLASSES)).astype(np.float32)
   batch = {k: jax.numpy.asarray(v) for k, v in {**rows, 'teacher_logits': logits}.items() if k in STEP_KEYS}
   optimizer, schedule = optim.make_optimizer(None, learning_rate=5e-5, total_steps=1000, warmup_steps=100)
-  loss = step_lib.LossConfig(teacher_mode='ensemble', alpha=0.5, temperature=2.0)
+  loss = losses.LossConfig(teacher_mode='ensemble', alpha=0.5, temperature=2.0)
   step = jax.jit(step_lib.make_train_step(model, optimizer, schedule, loss), donate_argnums=(0,))
   state = jax.jit(lambda p: step_lib.init_state(model, optimizer, jax.random.key(1), params=p))(params)
   return step, state, batch

@@ -107,7 +107,7 @@ def stage_score():
 
 def stage_train(in_memory):
   import numpy as np
-  from mkdm_jax import train
+  from mkdm_jax import losses, train
   from mkdm_jax.data import Encoded, LogitStore, corpus
   rows = corpus.CorpusRows(FLAGS.corpus, tokenizer(), LENGTH)
   store = LogitStore(pathlib.Path(FLAGS.corpus) / 'logits')
@@ -125,7 +125,7 @@ def stage_train(in_memory):
   cfg = train.TrainConfig(batch_size=FLAGS.batch_size, max_steps=FLAGS.train_steps, learning_rate=1e-3,
                           buckets=(16, LENGTH), checkpoint_every=10**9, log_every=50, select_best=False,
                           progress=False)
-  loss = train.LossConfig(teacher_mode='per_head', alpha=1.0, temperature=2.0)
+  loss = losses.LossConfig(teacher_mode='per_head', alpha=1.0, temperature=2.0)
   train.fit(workdir, model, data, cfg, loss, mesh=train.make_mesh(), init_params=tiny_params(model, 1),
             teacher_logits=logits)
   logged = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]

@@ -32,7 +32,7 @@ from absl import app, flags
 from mkdm_jax import data as data_lib
 from mkdm_jax.allocator import keep_freed_memory
 from mkdm_jax.data import batching
-from mkdm_jax import models, provenance
+from mkdm_jax import losses, models, provenance
 from mkdm_jax.models import cpu_attention, factory
 from mkdm_jax.train import optim
 from mkdm_jax.train import step as step_lib
@@ -395,7 +395,7 @@ def jax_vs_torch(cfg, params, batch, repeats, gemm_size, bf16=False):
   jbatch = kd_batch(batch, 3)
   bs, length = batch['input_ids'].shape
   eval_step = jax.jit(step_lib.make_eval_step(model))
-  jax_train = Stepper(model, params, step_lib.LossConfig(teacher_mode='ensemble', alpha=ALPHA,
+  jax_train = Stepper(model, params, losses.LossConfig(teacher_mode='ensemble', alpha=ALPHA,
                                                          temperature=TEMPERATURE))
   tmodel, torch_attention = torch_model(cfg, params)
   names = ('input_ids', 'attention_mask') + (('token_type_ids',) if isinstance(cfg, models.BertConfig) else ())
@@ -467,7 +467,7 @@ def framework_comparisons(cfg, params, encoded, length, batch, large, repeats, l
 def multi_teacher(student, teacher, batch, repeats):
   """Seconds per step: 1 and 3 teachers from the logit store (1 vs 3 heads), and 3 online teachers."""
   (s_cfg, s_params), (t_cfg, t_params) = student, teacher
-  per_head = step_lib.LossConfig(teacher_mode='per_head', alpha=ALPHA, temperature=TEMPERATURE)
+  per_head = losses.LossConfig(teacher_mode='per_head', alpha=ALPHA, temperature=TEMPERATURE)
 
   teacher_model = models.Classifier(t_cfg, NUM_CLASSES)
   teacher_params = tuple(jax.jit(lambda p: jax.tree.map(jnp.copy, p))(t_params) for _ in range(3))
@@ -502,7 +502,7 @@ def bucketing(student, encoded, all_train, batch_size, repeats):
   """End-to-end distillation epochs over `encoded` (batching, transfer, steps), bucketed vs fixed."""
   cfg, params = student
   model = models.Classifier(cfg, NUM_CLASSES, num_heads=3)
-  stepper = Stepper(model, with_heads(params, 3), step_lib.LossConfig(teacher_mode='per_head', alpha=ALPHA,
+  stepper = Stepper(model, with_heads(params, 3), losses.LossConfig(teacher_mode='per_head', alpha=ALPHA,
                                                        temperature=TEMPERATURE))
   logits = np.random.default_rng(0).normal(size=(len(encoded), 3, NUM_CLASSES)).astype(np.float32)
   fixed_buckets = (encoded.max_length,)

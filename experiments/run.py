@@ -1,4 +1,4 @@
-"""MKDM / TMKD pipeline from the command line: every field of `mkdm_jax.pipeline.Config` is a flag.
+"""MKDM / TMKD pipeline from the command line: every field of `mkdm_jax.config.Config` is a flag.
 
   python experiments/run.py --flagfile=experiments/configs/quickstart.flags --workdir=runs/quickstart
 
@@ -18,7 +18,7 @@ from mkdm_jax import cli  # first: sets the XLA CPU flags before jax is imported
 import jax
 from absl import flags, logging
 
-from mkdm_jax import pipeline
+from mkdm_jax import config, pipeline
 from mkdm_jax.allocator import keep_freed_memory
 from mkdm_jax.errors import UserError
 from mkdm_jax.workdir import WorkdirLock
@@ -39,8 +39,8 @@ flags.DEFINE_string('export_teacher_logits', None,
 
 def define_config_flags():
   """One absl flag per Config field, with the field's default, help and choices."""
-  for field in dataclasses.fields(pipeline.Config):
-    kind, help_text = pipeline.config_types()[field.name], field.metadata['help']
+  for field in dataclasses.fields(config.Config):
+    kind, help_text = config.config_types()[field.name], field.metadata['help']
     choices = field.metadata['choices']
     if choices:
       flags.DEFINE_enum(field.name, field.default, list(choices), help_text)
@@ -68,7 +68,7 @@ def main(argv):
       logging.info('host allocator: glibc keeps freed memory (--malloc=keep)')
     else:
       logging.warning('--malloc=keep needs glibc; using the default allocator')
-  cfg = pipeline.config_from_strings({f.name: FLAGS[f.name].value for f in dataclasses.fields(pipeline.Config)})
+  cfg = config.config_from_strings({f.name: FLAGS[f.name].value for f in dataclasses.fields(config.Config)})
   cluster = dict(coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
                  process_id=FLAGS.process_id)
   if not cfg.distributed and any(v is not None for v in cluster.values()):
@@ -76,7 +76,7 @@ def main(argv):
                     'add --distributed')
   if cfg.distributed:  # before anything asks JAX for its devices (validate does)
     jax.distributed.initialize(**cluster)
-  pipeline.validate(cfg)  # before anything is created (pipeline.run checks again)
+  config.validate(cfg)  # before anything is created (pipeline.run checks again)
   workdir = pathlib.Path(cfg.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   with WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():

@@ -36,7 +36,7 @@ import numpy as np
 import runs
 from absl import flags
 
-from mkdm_jax import distill, pipeline, provenance, stats
+from mkdm_jax import config, distill, pipeline, provenance, stats
 from mkdm_jax.errors import UserError
 from mkdm_jax.metrics import average_precisions
 from mkdm_jax.workdir import WorkdirLock
@@ -90,7 +90,7 @@ def parse_pairs(specs):
 def config_overrides(args):
   """The Config settings among run.py flags `args` (already checked by run.py's parser), as strings;
   booleans as --name / --noname too. run.py's own flags (--malloc, logging) are not settings."""
-  types = pipeline.config_types()
+  types = config.config_types()
   values = {}
   for arg in args:
     name, eq, value = arg[2:].partition('=')
@@ -309,7 +309,7 @@ def main(argv):
     raise UserError(f'--base_flagfile={FLAGS.base_flagfile}: no such file')
   root = pathlib.Path(FLAGS.workdir).absolute()
   records_dir = pathlib.Path(FLAGS.records).absolute() if FLAGS.records else root / 'records'
-  cfg = pipeline.config_from_flagfile(base, **config_overrides(extra))
+  cfg = config.config_from_flagfile(base, **config_overrides(extra))
   if not cfg.students:
     raise UserError('--students is empty: the study compares student methods; give at least one architecture')
   planned = [(arch, seed) for arch in cfg.students for seed in seeds]

@@ -4,7 +4,7 @@ A method is a row of `METHODS`; the pipeline interprets the rows. The loss terms
 `mkdm_jax.losses` (the soft and gold terms, and the registry `AUX_TERMS`); this module maps a
 method and the run's settings to the `LossConfig` of the one train step.
 
-`SETTINGS` declares, for every setting of `mkdm_jax.pipeline.Config`, what it changes:
+`SETTINGS` declares, for every setting of `mkdm_jax.config.Config`, what it changes:
   'data'       the rows and their encoding: every teacher and student
   'training'   optimisation shared by teachers and students
   'teachers'   teacher fine-tuning (and so, through the teachers, every distilled student)
@@ -24,7 +24,7 @@ import optax
 
 from mkdm_jax import losses
 from mkdm_jax.errors import UserError
-from mkdm_jax.train import LossConfig
+from mkdm_jax.losses import LossConfig
 
 
 @dataclasses.dataclass(frozen=True)

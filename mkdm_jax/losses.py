@@ -9,7 +9,8 @@ averaged over real rows. Rows without a gold label use the soft term only (TMKD 
 Averaged-ensemble KD gives its one head the target `ensemble_target(z, w, T)`.
 
 Auxiliary (intermediate-layer) terms are registered in `AUX_TERMS`: adding one is a function here, an
-entry there and a `<name>_weight` setting in `mkdm_jax.pipeline.Config`.
+entry there and a `<name>_weight` setting in `mkdm_jax.config.Config`. `LossConfig` says which terms the one
+train step (`mkdm_jax.train.step`) combines; `mkdm_jax.distill.loss_config` builds it for a method.
 """
 import dataclasses
 from typing import Callable
@@ -21,6 +22,7 @@ import optax
 SOFT_LOSSES = ('kl', 'ce', 'mse')
 TEACHER_WEIGHTINGS = ('uniform', 'fixed', 'confidence')
 ENSEMBLE_TARGETS = ('probs', 'logits')
+TEACHER_MODES = ('none', 'per_head', 'ensemble')
 
 
 def soft_loss(student_logits, teacher_logits, temperature, kind='kl'):
@@ -184,3 +186,43 @@ def linear_schedule(start, end, steps):
   if start == end or steps <= 0:
     return optax.constant_schedule(start)
   return optax.linear_schedule(start, end, steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """What the loss function does; hashable, so it is static for jit."""
+  teacher_mode: str = 'none'
+  soft: str = 'kl'
+  alpha: float = 0.5
+  alpha_end: float | None = None  # linear schedule from alpha to alpha_end over schedule_steps
+  temperature: float = 1.0
+  temperature_end: float | None = None
+  schedule_steps: int = 0  # optimiser updates of the schedules; 0: the whole run (set by fit)
+  weighting: str = 'uniform'  # per head ('per_head'), or inside the ensemble target ('ensemble')
+  fixed_weights: tuple[float, ...] | None = None
+  ensemble_target: str = 'probs'
+  # Intermediate-layer terms of AUX_TERMS as (name, weight) pairs; they need online teachers
+  # and average over all the teachers the step runs.
+  aux_weights: tuple[tuple[str, float], ...] = ()
+
+  def __post_init__(self):
+    if self.teacher_mode not in TEACHER_MODES:
+      raise ValueError(f'teacher_mode must be one of {TEACHER_MODES}, got {self.teacher_mode!r}')
+    if self.soft not in SOFT_LOSSES:
+      raise ValueError(f'soft loss must be one of {SOFT_LOSSES}, got {self.soft!r}')
+    if self.weighting not in TEACHER_WEIGHTINGS:
+      raise ValueError(f'weighting must be one of {TEACHER_WEIGHTINGS}, got {self.weighting!r}')
+    if self.ensemble_target not in ENSEMBLE_TARGETS:
+      raise ValueError(f'ensemble_target must be one of {ENSEMBLE_TARGETS}, '
+                       f'got {self.ensemble_target!r}')
+    unknown = [name for name, _ in self.aux_weights if name not in AUX_TERMS]
+    if unknown:
+      raise ValueError(f'unknown auxiliary loss terms {unknown}; known: {sorted(AUX_TERMS)}')
+    for name in ('alpha', 'alpha_end'):
+      value = getattr(self, name)
+      if value is not None and not 0.0 <= value <= 1.0:
+        raise ValueError(f'{name} must lie in [0, 1], got {value}')
+    for name in ('temperature', 'temperature_end'):
+      value = getattr(self, name)
+      if value is not None and value <= 0:
+        raise ValueError(f'{name} must be > 0, got {value}')

@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from mkdm_jax import distill, losses, models, pipeline
+from mkdm_jax import config, distill, losses, models, pipeline
 from mkdm_jax.models import factory
-from mkdm_jax.train import LossConfig
+from mkdm_jax.losses import LossConfig
 from mkdm_jax.train.step import make_loss_fn
 
 TINY = models.BertConfig(vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=2,
@@ -110,9 +110,9 @@ def test_ensemble_loss_through_the_train_step(t, kind, fixed, target):
   model = models.Classifier(TINY, num_classes=2)
   params = init(model)
   batch = {**batch_of(4), 'teacher_logits': Z}
-  config = LossConfig(teacher_mode='ensemble', alpha=1.0, temperature=t, weighting=kind, fixed_weights=fixed,
+  loss_cfg = LossConfig(teacher_mode='ensemble', alpha=1.0, temperature=t, weighting=kind, fixed_weights=fixed,
                       ensemble_target=target)
-  loss, _ = make_loss_fn(model, config)(params, batch, jax.random.PRNGKey(0), 0, ())
+  loss, _ = make_loss_fn(model, loss_cfg)(params, batch, jax.random.PRNGKey(0), 0, ())
   s = np.asarray(model.apply({'params': params}, batch['input_ids'], batch['token_type_ids'],
                              batch['attention_mask'], deterministic=True)['logits'], np.float64)
   w = np_weights(kind, fixed)
@@ -131,34 +131,34 @@ def test_ensemble_loss_through_the_train_step(t, kind, fixed, target):
 
 # loss_config per method.
 
-CFG = pipeline.Config(workdir='w', alpha=0.3, temperature=3.0, soft_loss='ce', teacher_weighting='confidence',
+CFG = config.Config(workdir='w', alpha=0.3, temperature=3.0, soft_loss='ce', teacher_weighting='confidence',
                       ensemble_target='logits', hidden_weight=0.5)
 
 
 def test_loss_config_student_scratch_has_no_teacher_and_no_aux_terms():
-  config = distill.loss_config('student_scratch', CFG)
-  assert config.teacher_mode == 'none' and config.aux_weights == ()
+  loss_cfg = distill.loss_config('student_scratch', CFG)
+  assert loss_cfg.teacher_mode == 'none' and loss_cfg.aux_weights == ()
 
 
 def test_loss_config_kd_single_is_uniform_whatever_the_weighting():
   for cfg in (CFG, dataclasses.replace(CFG, teacher_weighting='fixed', teacher_weights=(1.0, 2.0, 3.0))):
-    config = distill.loss_config('kd_single', cfg)
-    assert (config.teacher_mode, config.weighting, config.fixed_weights) == ('per_head', 'uniform', None)
+    loss_cfg = distill.loss_config('kd_single', cfg)
+    assert (loss_cfg.teacher_mode, loss_cfg.weighting, loss_cfg.fixed_weights) == ('per_head', 'uniform', None)
 
 
 def test_loss_config_kd_ensemble_carries_weighting_and_target():
-  config = distill.loss_config('kd_ensemble', CFG)
-  assert (config.teacher_mode, config.weighting, config.ensemble_target) == ('ensemble', 'confidence', 'logits')
-  assert (config.alpha, config.temperature, config.soft) == (0.3, 3.0, 'ce')
+  loss_cfg = distill.loss_config('kd_ensemble', CFG)
+  assert (loss_cfg.teacher_mode, loss_cfg.weighting, loss_cfg.ensemble_target) == ('ensemble', 'confidence', 'logits')
+  assert (loss_cfg.alpha, loss_cfg.temperature, loss_cfg.soft) == (0.3, 3.0, 'ce')
   fixed = dataclasses.replace(CFG, teacher_weighting='fixed', teacher_weights=(3.0, 1.0, 0.0))
-  config = distill.loss_config('kd_ensemble', fixed)
-  assert (config.weighting, config.fixed_weights) == ('fixed', (3.0, 1.0, 0.0))
+  loss_cfg = distill.loss_config('kd_ensemble', fixed)
+  assert (loss_cfg.weighting, loss_cfg.fixed_weights) == ('fixed', (3.0, 1.0, 0.0))
 
 
 @pytest.mark.parametrize('method', ['mkdm', 'tmkd'])
 def test_loss_config_mkdm_and_tmkd_weight_each_head(method):
-  config = distill.loss_config(method, CFG)
-  assert (config.teacher_mode, config.weighting, config.fixed_weights) == ('per_head', 'confidence', None)
+  loss_cfg = distill.loss_config(method, CFG)
+  assert (loss_cfg.teacher_mode, loss_cfg.weighting, loss_cfg.fixed_weights) == ('per_head', 'confidence', None)
   fixed = dataclasses.replace(CFG, teacher_weighting='fixed', teacher_weights=(3.0, 1.0, 0.0))
   assert distill.loss_config(method, fixed).fixed_weights == (3.0, 1.0, 0.0)
 
@@ -181,7 +181,7 @@ def test_num_heads_and_teacher_indices(method, heads, indices):
 # The settings table.
 
 def test_every_config_field_has_a_setting_and_back():
-  fields = {f.name for f in dataclasses.fields(pipeline.Config)}
+  fields = {f.name for f in dataclasses.fields(config.Config)}
   assert fields == set(distill.SETTINGS)
   assert all(s.scope in distill.SCOPES for s in distill.SETTINGS.values())
   for name in losses.AUX_TERMS:
@@ -189,7 +189,7 @@ def test_every_config_field_has_a_setting_and_back():
 
 
 def test_teacher_settings_resolve_per_teacher_lists():
-  cfg = pipeline.Config(workdir='w', teacher_checkpoints=('random',), teacher_learning_rates=(1e-5, 2e-5, 3e-5))
+  cfg = config.Config(workdir='w', teacher_checkpoints=('random',), teacher_learning_rates=(1e-5, 2e-5, 3e-5))
   settings = distill.teacher_settings(cfg, 1)
   assert (settings['teacher_checkpoints'], settings['teacher_learning_rates'], settings['teacher_seeds']) == (
       'random', 2e-5, 1)
@@ -204,7 +204,7 @@ def test_teacher_settings_resolve_per_teacher_lists():
 
 
 def test_student_settings_apply_to_their_method_and_architecture():
-  cfg = pipeline.Config(workdir='w')
+  cfg = config.Config(workdir='w')
   bert = distill.student_settings(cfg, 'bert3', 'mkdm')
   assert (bert['arch'], bert['method']) == ('bert3', 'mkdm')
   for name in ('alpha', 'temperature', 'student_learning_rate', 'teacher_weighting', 'num_teachers',
@@ -233,7 +233,7 @@ def test_stage1_settings_record_head_combine():
   _, mean = factory.student('bert1', 'random', 2, 3, 0, options, combine='mean')
   _, learned = factory.student('bert1', 'random', 2, 3, 0, options, combine='learned')
   assert set(learned) - set(mean) == {'combine_weights'}  # stage 1's saved params depend on the setting
-  cfg = pipeline.Config(workdir='w', methods=('tmkd',))
+  cfg = config.Config(workdir='w', methods=('tmkd',))
   stage1 = lambda combine: distill.student_settings(dataclasses.replace(cfg, head_combine=combine), 'bert1',
                                                     distill.STAGE1)
   assert distill.changed_settings(stage1('mean'), stage1('learned')) == ["head_combine: 'mean' -> 'learned'"]

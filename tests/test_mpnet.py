@@ -22,7 +22,8 @@ from mkdm_jax.models import (BertConfig, BertEncoder, Classifier, MPNetConfig, M
 from mkdm_jax.models.hf_files import encoder_params_to_hf_state
 from mkdm_jax.models.mpnet import relative_position_buckets
 from mkdm_jax.train.optim import make_optimizer
-from mkdm_jax.train.step import LossConfig, init_state, make_train_step
+from mkdm_jax.losses import LossConfig
+from mkdm_jax.train.step import init_state, make_train_step
 
 TINY_MPNET = MPNetConfig(vocab_size=120, hidden_size=16, num_layers=4, num_attention_heads=2, intermediate_size=32,
                          max_position_embeddings=34)

@@ -45,7 +45,7 @@ def sharded_state(model, abstract_params, mesh, cfg):
   """Abstract train state of `model` as the pipeline's training builds it, its shardings, per-device bytes."""
   import jax
   import numpy as np
-  from mkdm_jax import models, train
+  from mkdm_jax import losses, models, train
   from mkdm_jax.train.optim import make_optimizer
   from mkdm_jax.train.sharding import state_shardings
   from mkdm_jax.train.step import init_state
@@ -63,7 +63,7 @@ def sharded_state(model, abstract_params, mesh, cfg):
            for k in ('input_ids', 'token_type_ids', 'attention_mask')}
   batch.update(labels=jax.ShapeDtypeStruct((cfg.batch_size,), np.int32),
                weight=jax.ShapeDtypeStruct((cfg.batch_size,), np.float32))
-  step = train.make_train_step(model, optimizer, schedule, train.LossConfig())
+  step = train.make_train_step(model, optimizer, schedule, losses.LossConfig())
   jax.jit(step, in_shardings=(shardings, train.sharding.batch_sharding(mesh))).lower(state, batch)
   return {'params': models.count_params(state.params), 'layers': model.encoder.num_layers,
           'hidden': model.encoder.hidden_size, 'heads': model.num_heads, 'dtype': np.dtype(model.dtype).name,
@@ -81,19 +81,19 @@ def check_config(path):
   spec = importlib.util.spec_from_file_location('run', REPO / 'experiments' / 'run.py')
   run = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(run)
-  from mkdm_jax import data, distill, pipeline, train
+  from mkdm_jax import config, data, distill, pipeline, train
   from mkdm_jax.models import factory
   run.FLAGS.unparse_flags()
   run.FLAGS(['run.py', f'--flagfile={path}', '--workdir=/nonexistent'])
-  cfg = pipeline.config_from_strings({f.name: run.FLAGS[f.name].value for f in dataclasses.fields(pipeline.Config)})
+  cfg = config.config_from_strings({f.name: run.FLAGS[f.name].value for f in dataclasses.fields(config.Config)})
   factory.load_encoder = fake_load_encoder
-  pipeline.validate(cfg)
+  config.validate(cfg)
   task = data.get_task(cfg.task)
   with tfds.testing.mock_data(num_examples=4):  # the split names exist for this tfds dataset
     for split in (cfg.train_split, cfg.dev_split, cfg.eval_split):
       data.load_split(task, split)
   mesh = train.make_mesh(cfg.fsdp)
-  options = pipeline.model_options(cfg)
+  options = config.model_options(cfg)
   teacher = factory.Classifier(fake_load_encoder(cfg.teacher_checkpoints[0])[0], task.num_classes,
                                dtype=jnp.dtype(options.dtype))
   dummy = jnp.zeros((1, 8), jnp.int32)

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 
 from mkdm_jax import models, train
 from mkdm_jax.train.optim import decay_mask, layerwise_scales, make_optimizer
-from mkdm_jax.train.step import LossConfig, init_state, make_train_step
+from mkdm_jax.losses import LossConfig
+from mkdm_jax.train.step import init_state, make_train_step
 
 HARNESS = Path(__file__).with_name('train_harness.py')
 TINY = models.BertConfig(vocab_size=128, hidden_size=32, num_layers=2, num_attention_heads=2,

@@ -1,10 +1,10 @@
-"""pipeline.validate refuses flag combinations without meaning, naming the flags; typed flag conversion."""
+"""config.validate refuses flag combinations without meaning, naming the flags; typed flag conversion."""
 import dataclasses
 import json
 
 import pytest
 
-from mkdm_jax import distill, pipeline
+from mkdm_jax import config, distill, pipeline
 from mkdm_jax.errors import UserError
 
 ONLINE = dict(online_teachers=True, students=('bert3',), methods=('mkdm',), teacher_checkpoints=('random',),
@@ -12,7 +12,7 @@ ONLINE = dict(online_teachers=True, students=('bert3',), methods=('mkdm',), teac
 
 
 def validate(**overrides):
-  pipeline.validate(pipeline.Config(workdir='w', **overrides))
+  config.validate(config.Config(workdir='w', **overrides))
 
 
 @pytest.mark.parametrize('overrides,flags', [
@@ -71,12 +71,12 @@ def test_attention_head_counts_come_from_the_checkpoints():
 
 def test_config_from_strings_names_the_flag_of_a_non_number():
   with pytest.raises(UserError) as error:
-    pipeline.config_from_strings({'workdir': 'w', 'buckets': ['32', 'big']})
+    config.config_from_strings({'workdir': 'w', 'buckets': ['32', 'big']})
   assert 'non-number' in str(error.value) and '--buckets' in str(error.value)
 
 
 def test_config_from_strings_converts_types():
-  cfg = pipeline.config_from_strings({'workdir': 'w', 'teacher_learning_rates': ['1e-5', '2e-5'],
+  cfg = config.config_from_strings({'workdir': 'w', 'teacher_learning_rates': ['1e-5', '2e-5'],
                                       'buckets': ['32', '64'], 'teacher_weights': ['3', '1']})
   assert cfg.teacher_learning_rates == (1e-5, 2e-5)
   assert all(type(v) is float for v in cfg.teacher_learning_rates + cfg.teacher_weights)
@@ -85,7 +85,7 @@ def test_config_from_strings_converts_types():
 
 
 def test_every_flagfile_gives_the_same_config_without_absl():
-  """pipeline.config_from_flagfile (notebooks, scripts) reads each flagfile as run.py's absl flags do."""
+  """config.config_from_flagfile (notebooks, scripts) reads each flagfile as run.py's absl flags do."""
   import json
   import subprocess
   import sys
@@ -97,13 +97,13 @@ import importlib.util
 spec = importlib.util.spec_from_file_location('run', 'experiments/run.py')
 run = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(run)
-from mkdm_jax import pipeline
+from mkdm_jax import config
 out = {}
 for path in sys.argv[1:]:
   run.FLAGS.unparse_flags()
   run.FLAGS(['run.py', f'--flagfile={path}', '--workdir=w'])
-  absl = pipeline.config_from_strings({f.name: run.FLAGS[f.name].value for f in dataclasses.fields(pipeline.Config)})
-  out[path] = [dataclasses.asdict(absl), dataclasses.asdict(pipeline.config_from_flagfile(path, workdir='w'))]
+  absl = config.config_from_strings({f.name: run.FLAGS[f.name].value for f in dataclasses.fields(config.Config)})
+  out[path] = [dataclasses.asdict(absl), dataclasses.asdict(config.config_from_flagfile(path, workdir='w'))]
 print(json.dumps(out))
 '''
   flagfiles = sorted(str(p) for p in (repo / 'experiments' / 'configs').glob('*.flags'))
@@ -119,15 +119,15 @@ def test_flagfile_errors_name_the_line(tmp_path):
   bad = tmp_path / 'bad.flags'
   bad.write_text('# comment\n--alpha=0.3\nalpha=0.4\n')
   with pytest.raises(UserError, match=f'{bad}:3'):
-    pipeline.config_from_flagfile(bad)
+    config.config_from_flagfile(bad)
   bad.write_text('--alpha=high\n')
   with pytest.raises(UserError, match='--alpha=high: expected a float'):
-    pipeline.config_from_flagfile(bad)
+    config.config_from_flagfile(bad)
   bad.write_text('--noprogress\n--no_such_setting=1\n')
   with pytest.raises(UserError, match='no_such_setting'):
-    pipeline.config_from_flagfile(bad)
+    config.config_from_flagfile(bad)
   bad.write_text('--noprogress\n--online_teachers\n--buckets=16,32\n')
-  cfg = pipeline.config_from_flagfile(bad, alpha=0.25)
+  cfg = config.config_from_flagfile(bad, alpha=0.25)
   assert (cfg.progress, cfg.online_teachers, cfg.buckets, cfg.alpha) == (False, True, (16, 32), 0.25)
 
 
@@ -135,7 +135,7 @@ def test_train_questions_with_both_keeps_the_evaluated_questions():
   """WikiQA train has 8,651 pairs in questions with a positive and a negative answer (STACK-NOTES)."""
   import numpy as np
   from mkdm_jax import data
-  cfg = pipeline.Config(workdir='w', train_questions='with_both', methods=('mkdm',))
+  cfg = config.Config(workdir='w', train_questions='with_both', methods=('mkdm',))
   train = pipeline.load_examples(cfg, data.get_task('wikiqa'))['train']
   assert len(train) == 8651
   for group in np.unique(train.groups):
@@ -147,7 +147,7 @@ def test_unlabelled_splits_add_their_pairs_once_without_labels():
   """--unlabelled_splits=wikiqa:train on top of the with_both train rows gives all 20,360 WikiQA train pairs
   (the train rows are not repeated); qnli:dev adds its 5,463 pairs."""
   from mkdm_jax import data
-  cfg = pipeline.Config(workdir='w', train_questions='with_both', methods=('tmkd',), unlabelled_extra=0,
+  cfg = config.Config(workdir='w', train_questions='with_both', methods=('tmkd',), unlabelled_extra=0,
                         unlabelled_splits=('wikiqa:train', 'qnli:dev'))
   examples = pipeline.load_examples(cfg, data.get_task('wikiqa'))
   full_train, qnli = data.load_split('wikiqa', 'train'), data.load_split('qnli', 'dev')
@@ -167,7 +167,7 @@ def test_unlabelled_splits_add_their_pairs_once_without_labels():
                                           ('tsv:dev', "unknown task 'tsv'"), ('qnli:nosuch', 'nosuch')])
 def test_bad_unlabelled_splits_name_the_flag(spec, message):
   from mkdm_jax import data
-  cfg = pipeline.Config(workdir='w', methods=('tmkd',), max_train_rows=20, unlabelled_splits=(spec,))
+  cfg = config.Config(workdir='w', methods=('tmkd',), max_train_rows=20, unlabelled_splits=(spec,))
   with pytest.raises(UserError, match=message) as error:
     pipeline.load_examples(cfg, data.get_task('wikiqa'))
   assert 'nosuch:dev' not in spec or '--unlabelled_splits' in str(error.value)
@@ -176,10 +176,10 @@ def test_bad_unlabelled_splits_name_the_flag(spec, message):
 def test_a_new_setting_at_its_default_keeps_saved_runs_current(tmp_path):
   """Runs recorded before a setting existed (here unlabelled_corpus) stay current while it is at its default,
   and turn stale once it is set."""
-  settings = distill_settings(pipeline.Config(workdir=str(tmp_path), methods=('tmkd',)))
+  settings = distill_settings(config.Config(workdir=str(tmp_path), methods=('tmkd',)))
   (tmp_path / 'settings.json').write_text(json.dumps({k: v for k, v in settings.items() if k != 'unlabelled_corpus'}))
   assert pipeline._stale(tmp_path, settings) == []
-  changed = distill_settings(pipeline.Config(workdir=str(tmp_path), methods=('tmkd',), unlabelled_corpus='c'))
+  changed = distill_settings(config.Config(workdir=str(tmp_path), methods=('tmkd',), unlabelled_corpus='c'))
   assert pipeline._stale(tmp_path, changed) == ["unlabelled_corpus: '' -> 'c'"]
 
 

@@ -9,9 +9,7 @@ import argparse
 import logging
 import os
 import signal
-import sys
 import time
-from pathlib import Path
 
 parser = argparse.ArgumentParser()
 parser.add_argument('--workdir', required=True)
@@ -36,7 +34,7 @@ from mkdm_jax import cli  # noqa: E402  (after XLA_FLAGS above; sets the XLA CPU
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mkdm_jax import models, train  # noqa: E402
+from mkdm_jax import losses, models, train  # noqa: E402
 from mkdm_jax.train import loop  # noqa: E402
 from synthetic import synthetic_data  # noqa: E402
 
@@ -72,7 +70,7 @@ def main():
   cfg = train.TrainConfig(batch_size=16, max_steps=args.steps, learning_rate=1e-3, warmup_ratio=0.2,
                           buckets=(8, 16), checkpoint_every=args.checkpoint_every, progress=False, seed=3)
   params = train.fit(args.workdir, model, data, cfg,
-                     train.LossConfig(teacher_mode='per_head', temperature=2.0),
+                     losses.LossConfig(teacher_mode='per_head', temperature=2.0),
                      mesh=train.make_mesh(args.fsdp), teacher_logits=teacher_logits)
   flat = {'/'.join(str(getattr(k, 'key', k)) for k in path): np.asarray(train.sharding.to_host(v))
           for path, v in jax.tree_util.tree_leaves_with_path(params)}

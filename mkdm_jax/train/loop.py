@@ -26,7 +26,8 @@ from mkdm_jax.data import batches, num_batches
 from mkdm_jax.errors import UserError
 from mkdm_jax.train import checkpoint, sharding
 from mkdm_jax.train.optim import make_optimizer
-from mkdm_jax.train.step import LossConfig, init_state, make_eval_step, make_train_step
+from mkdm_jax.losses import LossConfig
+from mkdm_jax.train.step import init_state, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
 DONE_FILE = 'DONE.json'

@@ -1,6 +1,6 @@
 """The one train step and the eval step, shared by teacher fine-tuning and every distillation variant.
 
-Variants differ only in data and `LossConfig`:
+Variants differ only in data and `losses.LossConfig`:
   teacher fine-tuning / student_scratch  teacher_mode='none' (gold labels only)
   kd_single                              teacher_mode='per_head', one teacher's logits, one head
   kd_ensemble                            teacher_mode='ensemble', one head learns the (weighted)
@@ -10,7 +10,6 @@ Variants differ only in data and `LossConfig`:
 Teacher logits come from the batch (`teacher_logits` [B, T, C], read from the logit store) or from
 frozen teacher parameters run inside the step (online teachers).
 """
-import dataclasses
 from typing import Any
 
 import flax
@@ -20,9 +19,6 @@ import optax
 
 from mkdm_jax import losses
 
-TEACHER_MODES = ('none', 'per_head', 'ensemble')
-
-
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array  # micro-batches seen (== optimiser updates unless gradients are accumulated)
@@ -31,47 +27,7 @@ class TrainState:
   rng: jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-  """What the loss function does; hashable, so it is static for jit."""
-  teacher_mode: str = 'none'
-  soft: str = 'kl'
-  alpha: float = 0.5
-  alpha_end: float | None = None  # linear schedule from alpha to alpha_end over schedule_steps
-  temperature: float = 1.0
-  temperature_end: float | None = None
-  schedule_steps: int = 0  # optimiser updates of the schedules; 0: the whole run (set by fit)
-  weighting: str = 'uniform'  # per head ('per_head'), or inside the ensemble target ('ensemble')
-  fixed_weights: tuple[float, ...] | None = None
-  ensemble_target: str = 'probs'
-  # Intermediate-layer terms of losses.AUX_TERMS as (name, weight) pairs; they need online teachers
-  # and average over all the teachers the step runs.
-  aux_weights: tuple[tuple[str, float], ...] = ()
-
-  def __post_init__(self):
-    if self.teacher_mode not in TEACHER_MODES:
-      raise ValueError(f'teacher_mode must be one of {TEACHER_MODES}, got {self.teacher_mode!r}')
-    if self.soft not in losses.SOFT_LOSSES:
-      raise ValueError(f'soft loss must be one of {losses.SOFT_LOSSES}, got {self.soft!r}')
-    if self.weighting not in losses.TEACHER_WEIGHTINGS:
-      raise ValueError(f'weighting must be one of {losses.TEACHER_WEIGHTINGS}, got {self.weighting!r}')
-    if self.ensemble_target not in losses.ENSEMBLE_TARGETS:
-      raise ValueError(f'ensemble_target must be one of {losses.ENSEMBLE_TARGETS}, '
-                       f'got {self.ensemble_target!r}')
-    unknown = [name for name, _ in self.aux_weights if name not in losses.AUX_TERMS]
-    if unknown:
-      raise ValueError(f'unknown auxiliary loss terms {unknown}; known: {sorted(losses.AUX_TERMS)}')
-    for name in ('alpha', 'alpha_end'):
-      value = getattr(self, name)
-      if value is not None and not 0.0 <= value <= 1.0:
-        raise ValueError(f'{name} must lie in [0, 1], got {value}')
-    for name in ('temperature', 'temperature_end'):
-      value = getattr(self, name)
-      if value is not None and value <= 0:
-        raise ValueError(f'{name} must be > 0, got {value}')
-
-
-def make_loss_fn(model, config: LossConfig, teacher_models=()):
+def make_loss_fn(model, config: losses.LossConfig, teacher_models=()):
   """loss_fn(params, batch, rng, step, teacher_params) -> (loss, measurements)."""
   alpha_at = losses.linear_schedule(config.alpha, config.alpha if config.alpha_end is None
                                     else config.alpha_end, config.schedule_steps)
@@ -119,7 +75,7 @@ def make_loss_fn(model, config: LossConfig, teacher_models=()):
   return loss_fn
 
 
-def make_train_step(model, optimizer, lr_schedule, config: LossConfig, teacher_models=(),
+def make_train_step(model, optimizer, lr_schedule, config: losses.LossConfig, teacher_models=(),
                     accumulate=1):
   """A pure `train_step(state, batch, teacher_params) -> (state, measurements)`; jit it with donation."""
   loss_fn = make_loss_fn(model, config, teacher_models)
