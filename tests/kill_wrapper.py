@@ -27,16 +27,16 @@ def hit(sig=signal.SIGKILL):
 
 
 from mkdm_jax.data import LogitStore  # noqa: E402
-from mkdm_jax.train import checkpoint, loop  # noqa: E402
+from mkdm_jax.train import checkpoint, inference, loop  # noqa: E402
 
 if point in ('batch', 'sigterm'):
-  real_batches = loop.batches
+  real_batches = loop.batches  # training (loop) and inference batches alike
 
   def counted_batches(*a, **kw):
     for batch in real_batches(*a, **kw):
       hit(signal.SIGTERM if point == 'sigterm' else signal.SIGKILL)
       yield batch
-  loop.batches = counted_batches
+  loop.batches = inference.batches = counted_batches
 elif point == 'logit_write':
   real_write = LogitStore.write
   LogitStore.write = lambda self, *a, **kw: (real_write(self, *a, **kw), hit())[0]

@@ -1,6 +1,8 @@
-"""Training engine: one jitted train step for every variant, sharding, Orbax checkpoints, loops."""
-from mkdm_jax.train.loop import (NonFiniteLoss, Preempted, TrainConfig, enable_compilation_cache,
-                                 evaluate, fit, is_complete, load_final, load_params, predict,
-                                 read_summary, save_params, scores, softmax)
+"""Training engine: one jitted train step for every variant, the loop, sharding, Orbax checkpoints, and
+inference beside them."""
+from mkdm_jax.train.inference import evaluate, predict, scores, softmax
+from mkdm_jax.train.loop import (NonFiniteLoss, TrainConfig, enable_compilation_cache, fit, is_complete, load_final,
+                                 load_params, read_summary, save_params)
+from mkdm_jax.train.preemption import Preempted
 from mkdm_jax.train.sharding import make_mesh
 from mkdm_jax.train.step import TrainState, make_eval_step, make_train_step
