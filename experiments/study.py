@@ -36,7 +36,7 @@ import numpy as np
 import runs
 from absl import flags
 
-from mkdm_jax import config, distill, pipeline, provenance, stats
+from mkdm_jax import config, context, distill, provenance, saved_runs, stats
 from mkdm_jax.errors import UserError
 from mkdm_jax.metrics import average_precisions
 from mkdm_jax.workdir import WorkdirLock
@@ -116,8 +116,8 @@ def run_settings(cfg, arch, seed):
 
 
 def eval_examples(cfg):
-  """The eval split's rows as mkdm_jax.pipeline.load_examples reads them (labels and question groups)."""
-  return pipeline.load_split_rows(cfg, cfg.eval_split, cfg.max_eval_rows)
+  """The eval split's rows as mkdm_jax.context.load_examples reads them (labels and question groups)."""
+  return context.load_split_rows(cfg, cfg.eval_split, cfg.max_eval_rows)
 
 
 def question_scores(path, examples):
@@ -152,7 +152,7 @@ def load_record(path, settings):
   """A finished run's record; UserError if it was made with other settings."""
   try:
     record = json.loads(path.read_text())
-    recorded = pipeline.with_new_defaults(record['settings'], settings)
+    recorded = saved_runs.with_new_defaults(record['settings'], settings)
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise UserError(f'{path}: not a readable study record ({e}); move it away to rerun that run') from None
   changed = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))

@@ -16,17 +16,15 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 import statistics
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mkdm_jax import data as data_lib
-from mkdm_jax import config, distill, losses, predictions, provenance, saved_model, train
+from mkdm_jax import config, context, distill, losses, predictions, provenance, saved_model, saved_runs, train
 from mkdm_jax import teachers as teachers_lib
 from mkdm_jax import metrics as metrics_lib
 from mkdm_jax.errors import UserError
@@ -34,207 +32,20 @@ from mkdm_jax.models import count_params, factory, load_tokenizer
 from mkdm_jax.models.classifier import combination_weights
 
 log = logging.getLogger(__name__)
-SETTINGS_FILE = 'settings.json'
 
 
 # ---------------------------------------------------------------------------------------------
-# Data and teachers.
+# Training.
 
-@dataclasses.dataclass(frozen=True)
-class Teacher:
-  """One teacher: a checkpoint fine-tuned here, a zero-shot bi-encoder, word overlap or imported scores."""
-  index: int
-  kind: str  # one of teachers.KINDS
-  source: str  # checkpoint name/folder, or scores file
-  directory: pathlib.Path
-  tokenizer_dir: pathlib.Path | None  # None for imported scores and word overlap
-
-  @property
-  def name(self):
-    return self.directory.name
-
-
-@dataclasses.dataclass(frozen=True)
-class Context:
-  """What every stage reads: the config, folders, task, data, teachers and device mesh."""
-  cfg: config.Config
-  workdir: pathlib.Path
-  shared: pathlib.Path
-  task: data_lib.TaskSpec
-  buckets: tuple[int, ...]
-  examples: dict
-  teachers: tuple[Teacher, ...]
-  mesh: Any
-  metrics: list
-  primary: str
-  encodings: dict = dataclasses.field(default_factory=dict)  # (tokenizer dir, dataset) -> Encoded
-
-  def encoded(self, tokenizer_dir, dataset):
-    """`dataset` encoded with a model's tokenizer (once per tokenizer; cached on disk too); with
-    --unlabelled_corpus, 'unlabelled' is the corpus's `CorpusRows` (streamed)."""
-    key = (str(tokenizer_dir), dataset)
-    if key not in self.encodings and dataset == 'unlabelled' and self.cfg.unlabelled_corpus:
-      self.encodings[key] = corpus_rows(self.cfg, load_tokenizer(tokenizer_dir))
-    if key not in self.encodings:
-      self.encodings[key] = data_lib.encode(load_tokenizer(tokenizer_dir), self.examples[dataset],
-                                            self.cfg.max_length, cache_dir=self.shared / 'cache' / 'tokens')
-    return self.encodings[key]
-
-  def student_dir(self, arch, method):
-    return self.workdir / 'students' / f'{arch}_{method}'
-
-  def student_tokenizer_dir(self, arch):
-    return config.tokenizer_dir_of(self.cfg, distill.student_checkpoint(self.cfg.student_checkpoint, arch))
-
-
-def corpus_rows(cfg: config.Config, tokenizer):
-  """The --unlabelled_corpus encoded with `tokenizer` (each process encodes its share of missing shards)."""
-  index, count = jax.process_index(), jax.process_count()
-  shards = data_lib.corpus.read_manifest(cfg.unlabelled_corpus)['shards']
-  data_lib.corpus.encode_shards(cfg.unlabelled_corpus, tokenizer, cfg.max_length, range(index, shards, count),
-                                progress=cfg.progress)
-  sync_processes('corpus encoded')
-  if index == 0:
-    data_lib.corpus.finish_encoding(cfg.unlabelled_corpus, tokenizer, cfg.max_length)
-  sync_processes('corpus encoding finished')
-  return data_lib.corpus.CorpusRows(cfg.unlabelled_corpus, tokenizer, cfg.max_length)
-
-
-def sync_processes(name):
-  """Waits for every process to get here (nothing to wait for in a single process)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
-
-
-def teachers_of(cfg: config.Config, shared: pathlib.Path) -> tuple[Teacher, ...]:
-  out = []
-  for i in range(cfg.num_teachers):
-    kind, source = teachers_lib.parse_spec(distill.per_teacher(cfg.teacher_checkpoints, i))
-    out.append(Teacher(i, kind, source, shared / 'teachers' / f'teacher_{i}',
-                       config.tokenizer_dir_of(cfg, source) if kind in ('checkpoint', 'biencoder') else None))
-  return tuple(out)
-
-
-def subsample_negatives(examples, per_positive, seed):
-  """All positives plus `per_positive` times as many negatives, sampled with `seed`, in file order."""
-  positives = np.flatnonzero(examples.labels == 1)
-  negatives = np.flatnonzero(examples.labels == 0)
-  rng = np.random.default_rng(seed)
-  keep = rng.choice(negatives, min(len(negatives), per_positive * len(positives)), replace=False)
-  return examples.select(np.sort(np.concatenate([positives, keep])))
-
-
-def load_split_rows(cfg: config.Config, split, max_rows=0):
-  """One split (a file path for tsv/jsonl tasks) read with the run's data settings."""
-  is_file = cfg.task in ('tsv', 'jsonl')
-  return data_lib.load_split(cfg.task, None if is_file else split, cfg.data_dir, path=split if is_file else None,
-                             skip_bad_rows=cfg.skip_bad_rows, max_rows=max_rows or None, text_a_col=cfg.text_a_col,
-                             text_b_col=cfg.text_b_col, label_col=cfg.label_col, group_col=cfg.group_col)
-
-
-def load_unlabelled_split(cfg: config.Config, spec):
-  """The rows of one --unlabelled_splits entry TASK:SPLIT (the task's own files; labels are dropped later)."""
-  task, _, split = spec.rpartition(':')
-  if not task or not split:
-    raise UserError(f'--unlabelled_splits: {spec!r}: expected TASK:SPLIT, e.g. qnli:dev')
-  if task not in data_lib.TASKS or task in ('tsv', 'jsonl'):
-    raise UserError(f'--unlabelled_splits: {spec!r}: unknown task {task!r}; choose a registered task with its '
-                    f'own files: {sorted(t for t in data_lib.TASKS if t not in ("tsv", "jsonl"))}')
-  return data_lib.load_split(task, split, cfg.data_dir, skip_bad_rows=cfg.skip_bad_rows)
-
-
-def load_examples(cfg: config.Config, task):
-  """The train, unlabelled, dev and eval rows."""
-  load = lambda split, max_rows: load_split_rows(cfg, split, max_rows)
-  examples = {'train': load(cfg.train_split, cfg.max_train_rows), 'eval': load(cfg.eval_split, cfg.max_eval_rows)}
-  if cfg.dev_split != 'none':
-    examples['dev'] = load(cfg.dev_split, cfg.max_eval_rows)
-  for name, flag in (('eval', 'eval_split'), ('dev', 'dev_split')):
-    if name in examples and not (examples[name].labels >= 0).any():
-      raise UserError(f'--{flag}={getattr(cfg, flag)}: {examples[name].source} has no labels, so nothing can be '
-                      f'{"evaluated" if name == "eval" else "selected"} on it; choose a labelled split (score '
-                      'unlabelled pairs with experiments/evaluate.py --predictions on a trained model)')
-  if cfg.train_questions == 'with_both':
-    train = examples['train']
-    if train.groups is None:
-      raise UserError(f'--train_questions=with_both needs question groups, and {train.source} has none')
-    examples['train'] = train.select(np.flatnonzero(np.isin(
-        train.groups, metrics_lib.evaluated_groups(train.labels, train.groups))))
-  if cfg.negatives_per_positive:
-    examples['train'] = subsample_negatives(examples['train'], cfg.negatives_per_positive, cfg.data_seed)
-  if 'tmkd' in cfg.methods and not cfg.unlabelled_corpus:  # a corpus is streamed (Context.encoded)
-    examples['unlabelled'] = data_lib.add_unlabelled_rows(
-        data_lib.make_unlabelled_pairs(examples['train'], cfg.unlabelled_extra, cfg.data_seed),
-        [load_unlabelled_split(cfg, spec) for spec in cfg.unlabelled_splits])
-  for name, e in examples.items():
-    log.info('%s: %d rows (%d labelled) from %s', name, len(e), int((e.labels >= 0).sum()), e.source)
-  return examples
-
-
-# ---------------------------------------------------------------------------------------------
-# Saved runs and their settings.
-
-def _recorded_settings(directory):
-  path = pathlib.Path(directory) / SETTINGS_FILE
-  return json.loads(path.read_text()) if path.exists() else None
-
-
-def with_new_defaults(recorded: dict, current: dict) -> dict:
-  """`recorded` settings plus, for each setting in `current` that they lack (one added to the pipeline after
-  they were recorded), its default value: a new option left at its default does not make old runs stale."""
-  defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(config.Config)}))
-  return {**{k: defaults[k] for k in current if k in defaults and k not in recorded}, **recorded}
-
-
-def _stale(directory, settings):
-  """The changed settings of a saved run (empty when it matches or was never started)."""
-  recorded = _recorded_settings(directory)
-  if recorded is None:
-    return []
-  recorded = with_new_defaults(recorded, settings)
-  if 'teachers' not in settings:  # up-front check: the teachers' fingerprints are compared at fit time
-    recorded = {k: v for k, v in recorded.items() if k != 'teachers'}
-  return distill.changed_settings(recorded, settings)
-
-
-def _stale_message(stale):
-  lines = [f'  {directory}: ' + '; '.join(changes) for directory, changes in stale]
-  return ('saved runs were trained with other settings, so their results would be stale:\n' + '\n'.join(lines)
-          + '\nUse a new --workdir (and --shared_dir), put the old values back, or pass --overwrite to delete '
-          'and retrain exactly these runs.')
-
-
-def check_saved_runs(ctx: Context):
-  """Before any work: every saved run this config would reuse must have been trained with its settings."""
+def planned_runs(ctx: context.Context):
+  """(directory, settings) of every saved run this config trains or reuses."""
   cfg = ctx.cfg
   planned = [(t.directory, distill.teacher_settings(cfg, t.index)) for t in ctx.teachers]
   for arch in cfg.students:
     runs = list(cfg.methods) + ([distill.STAGE1] if 'tmkd' in cfg.methods else [])
     planned += [(ctx.student_dir(arch, m), distill.student_settings(cfg, arch, m)) for m in runs]
-  stale = [(d, changes) for d, s in planned for changes in [_stale(d, s)] if changes]
-  if stale and not cfg.overwrite:
-    raise UserError(_stale_message(stale))
-  for directory, changes in stale:
-    log.warning('--overwrite: deleting %s (changed: %s)', directory, '; '.join(changes))
-    shutil.rmtree(directory)
+  return planned
 
-
-def claim_run(directory, settings, overwrite):
-  """Records a run's settings before it trains; a run saved under other settings is stale."""
-  changes = _stale(directory, settings)
-  if changes:
-    if not overwrite:
-      raise UserError(_stale_message([(directory, changes)]))
-    log.warning('--overwrite: deleting %s (changed: %s)', directory, '; '.join(changes))
-    shutil.rmtree(directory)
-  directory.mkdir(parents=True, exist_ok=True)
-  if _recorded_settings(directory) is None:
-    (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
-
-
-# ---------------------------------------------------------------------------------------------
-# Training.
 
 def train_config(cfg: config.Config, buckets, *, epochs, learning_rate, seed, batch_size=None, max_steps=0):
   return train.TrainConfig(
@@ -245,13 +56,13 @@ def train_config(cfg: config.Config, buckets, *, epochs, learning_rate, seed, ba
       profile_steps=tuple(cfg.profile_steps))
 
 
-def fit_model(ctx: Context, directory, build, tokenizer_dir, dataset, settings, train_cfg, loss_config, *,
+def fit_model(ctx: context.Context, directory, build, tokenizer_dir, dataset, settings, train_cfg, loss_config, *,
               select_on_dev=True, teachers=None):
   """Trains (or resumes, or skips when finished) one run on `dataset` and saves its model folder.
 
   build: () -> (model, initial params); teachers: () -> fit()'s teacher arguments, or None.
   """
-  claim_run(directory, settings, ctx.cfg.overwrite)
+  saved_runs.claim_run(directory, settings, ctx.cfg.overwrite)
   if train.is_complete(directory):
     log.info('%s: already trained, skipping', directory)
     return
@@ -281,7 +92,7 @@ def _fit_head_weights(ctx, directory, model, params, dev):
   return params
 
 
-def stage_teachers(ctx: Context):
+def stage_teachers(ctx: context.Context):
   """Fine-tunes the checkpoint teachers (bi-encoder, word-overlap and imported-score teachers need no training)."""
   cfg = ctx.cfg
   options = config.model_options(cfg)
@@ -305,7 +116,7 @@ def params_fingerprint(params):
   return digest.hexdigest()[:16]
 
 
-def teacher_fingerprint(ctx: Context, teacher: Teacher):
+def teacher_fingerprint(ctx: context.Context, teacher: context.Teacher):
   """Identity of a teacher for the logit store: a hash of its final (or encoder) parameters, or of the
   scores file."""
   if teacher.kind == 'scores':
@@ -330,7 +141,7 @@ def store_manifest(ctx, teacher, dataset):
           'max_length': ctx.cfg.max_length}
 
 
-def stage_logits(ctx: Context):
+def stage_logits(ctx: context.Context):
   """Every teacher's logits on every dataset, stored by row key (a row shared by several sets, e.g. TMKD's
   unlabelled set and train, is predicted once); a prepared --unlabelled_corpus is scored shard by shard."""
   store = data_lib.LogitStore(ctx.shared / 'logits')
@@ -366,7 +177,7 @@ def _score_corpus(ctx, store, teacher):
     predictions.score_corpus(model, params, rows, store, name, manifest, todo, batch_size=ctx.cfg.eval_batch_size,
                              buckets=ctx.buckets, progress=ctx.cfg.progress)
     log.info('%s: scored %d of %d corpus shards in this process', teacher.name, len(todo), count)
-  sync_processes(f'{name} scored')
+  context.sync_processes(f'{name} scored')
 
 
 def _predicted_logits(ctx, store, teacher, todo):
@@ -428,7 +239,7 @@ def biencoder(ctx, teacher):
                                                                  ctx.cfg.max_length, ctx.cfg.eval_batch_size)
 
 
-def teacher_logits(ctx: Context, dataset, indices=None):
+def teacher_logits(ctx: context.Context, dataset, indices=None):
   """[N, T, C] logits of the chosen teachers (default all) on `dataset`, read from the store by row key."""
   store = data_lib.LogitStore(ctx.shared / 'logits')
   chosen = [ctx.teachers[i] for i in (range(len(ctx.teachers)) if indices is None else indices)]
@@ -443,7 +254,7 @@ def teacher_logits(ctx: Context, dataset, indices=None):
   return np.stack(stacked, axis=1)
 
 
-def corpus_teacher_logits(ctx: Context, store, chosen):
+def corpus_teacher_logits(ctx: context.Context, store, chosen):
   """[N, T, C] logits of the chosen teachers on the prepared corpus, memory-mapped from the store's shards
   (each shard's row keys checked against the corpus's)."""
   per_teacher = []
@@ -460,7 +271,7 @@ def corpus_teacher_logits(ctx: Context, store, chosen):
   return data_lib.corpus.CorpusLogits(per_teacher, rows.shard_rows)
 
 
-def export_teacher_logits(ctx: Context, out_dir) -> list[pathlib.Path]:
+def export_teacher_logits(ctx: context.Context, out_dir) -> list[pathlib.Path]:
   """Writes each teacher's stored logits on every row of every set (each row key once) to
   <out_dir>/teacher_<i>.tsv.gz (columns row, logit_0 .. logit_{C-1}): a `scores:` teacher file, so students can
   be trained later or elsewhere without the teacher's weights. Returns the files."""
@@ -486,7 +297,7 @@ def export_teacher_logits(ctx: Context, out_dir) -> list[pathlib.Path]:
   return written
 
 
-def teacher_inputs(ctx: Context, dataset, indices):
+def teacher_inputs(ctx: context.Context, dataset, indices):
   """A callable giving fit()'s teacher arguments: the chosen teachers' stored logits, or with
   --online_teachers the frozen models run inside the train step. Deferred: finished runs load nothing."""
   def load():
@@ -497,7 +308,7 @@ def teacher_inputs(ctx: Context, dataset, indices):
   return load
 
 
-def best_teacher(ctx: Context):
+def best_teacher(ctx: context.Context):
   """Index of the teacher with the best dev score (the kd_single teacher; teacher_0 without dev)."""
   if 'dev' not in ctx.examples:
     return 0
@@ -542,7 +353,7 @@ def _student_run(ctx, arch, method, *, stage1=False):
             teachers=teacher_inputs(ctx, dataset, indices) if indices else None)
 
 
-def stage_pretrain(ctx: Context):
+def stage_pretrain(ctx: context.Context):
   """TMKD stage 1: every teacher's soft labels on unlabelled pairs, one head per teacher."""
   for method in ctx.cfg.methods:
     if distill.METHODS[method].pretrain:
@@ -550,7 +361,7 @@ def stage_pretrain(ctx: Context):
         _student_run(ctx, arch, method, stage1=True)
 
 
-def stage_distill(ctx: Context):
+def stage_distill(ctx: context.Context):
   """Stage 2: every method x student architecture, the same budget and seed."""
   for arch in ctx.cfg.students:
     for method in ctx.cfg.methods:
@@ -634,7 +445,7 @@ def _teacher_row(ctx, teacher, eval_logits, dev_logits, saved):
   return row, timed
 
 
-def stage_evaluate(ctx: Context):
+def stage_evaluate(ctx: context.Context):
   """Metrics on the eval split (and at a dev-tuned threshold) and on dev, the measured speed of every model,
   every model's positive-class probabilities by row (eval/probabilities.npz, for paired tests), and how much
   the teachers differ (metrics.teacher_diversity) on dev and eval."""
@@ -683,7 +494,7 @@ def stage_evaluate(ctx: Context):
                                                  'teacher_diversity': diversity}, indent=1))
 
 
-def stage_report(ctx: Context):
+def stage_report(ctx: context.Context):
   path = ctx.workdir / 'eval' / 'rows.json'
   if not path.exists():
     raise UserError(f'{path} is missing: run the evaluate stage first')
@@ -726,29 +537,14 @@ STAGE_FUNCTIONS = dict(teachers=stage_teachers, logits=stage_logits, pretrain=st
                        distill=stage_distill, evaluate=stage_evaluate, report=stage_report)
 
 
-def make_context(cfg: config.Config) -> Context:
-  """The validated config's Context: folders (the work directory is created), task, rows, teachers, mesh."""
-  config.validate(cfg)
-  workdir = pathlib.Path(cfg.workdir).absolute()
-  shared = pathlib.Path(cfg.shared_dir).absolute() if cfg.shared_dir else workdir
-  workdir.mkdir(parents=True, exist_ok=True)
-  train.enable_compilation_cache(cfg.compilation_cache_dir or shared / 'cache' / 'xla')
-  task = data_lib.get_task(cfg.task)
-  examples = load_examples(cfg, task)
-  metric_names, primary = task.metrics_for(examples['eval'])
-  return Context(cfg=cfg, workdir=workdir, shared=shared, task=task, buckets=config.buckets_of(cfg), examples=examples,
-                 teachers=teachers_of(cfg, shared), mesh=train.make_mesh(cfg.fsdp), metrics=metric_names,
-                 primary=primary)
-
-
 def run(cfg: config.Config, *, export_teacher_logits_to=None):
   """Runs the configured stages in order; returns results.json's content when the report stage ran.
 
   `export_teacher_logits_to`: then (process 0) writes every teacher's stored logits there
   (`export_teacher_logits`). The caller holds the work-directory lock (see `mkdm_jax.workdir.WorkdirLock`).
   """
-  ctx = make_context(cfg)
-  check_saved_runs(ctx)
+  ctx = context.make_context(cfg)
+  saved_runs.check(planned_runs(ctx), cfg.overwrite)
   history = ctx.workdir / 'history'
   history.mkdir(exist_ok=True)
   stamp = time.strftime('%Y%m%dT%H%M%S', time.gmtime())

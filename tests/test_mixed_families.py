@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import CI_TINY, run_pipeline
-from mkdm_jax import config, data, metrics, pipeline
+from mkdm_jax import config, context, data, metrics
 from mkdm_jax import teachers as teachers_lib
 
 FLAGS = dict(max_train_rows=40, max_eval_rows=60, unlabelled_extra=0, num_teachers=3, max_length=32,
@@ -23,7 +23,7 @@ def overlap(a, b):
 def test_mixed_family_run(tmp_path, xla_cache):
   scores = tmp_path / 'overlap.tsv'
   cfg = config.config_from_flagfile(CI_TINY, workdir=str(tmp_path / 'w'), **FLAGS)
-  examples = pipeline.load_examples(cfg, data.get_task('wikiqa'))
+  examples = context.load_examples(cfg, data.get_task('wikiqa'))
   rows = {int(k): overlap(a, b) for e in examples.values() for k, a, b in zip(e.ids, e.text_a, e.text_b)}
   scores.write_text('row\tscore\n' + ''.join(f'{k}\t{v!r}\n' for k, v in rows.items()))
   flags = [f'--{k}={",".join(map(str, v)) if isinstance(v, tuple) else v}' for k, v in FLAGS.items()]
@@ -65,7 +65,7 @@ def test_word_overlap_teachers_are_zero_shot_baselines(tmp_path, xla_cache):
   assert proc.returncode == 0, proc.stderr[-5000:]
   assert not (workdir / 'teachers').exists()
   cfg = config.config_from_flagfile(CI_TINY, workdir=str(workdir), methods=('kd_single',))
-  examples = pipeline.load_examples(cfg, data.get_task('wikiqa'))
+  examples = context.load_examples(cfg, data.get_task('wikiqa'))
   passages = [t for e in examples.values() for t in e.text_b]
   rows = {r['name']: r for r in json.loads((workdir / 'results.json').read_text())['rows']}
   test = examples['eval']

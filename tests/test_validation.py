@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mkdm_jax import config, distill, pipeline
+from mkdm_jax import config, context, distill, saved_runs
 from mkdm_jax.errors import UserError
 
 ONLINE = dict(online_teachers=True, students=('bert3',), methods=('mkdm',), teacher_checkpoints=('random',),
@@ -136,7 +136,7 @@ def test_train_questions_with_both_keeps_the_evaluated_questions():
   import numpy as np
   from mkdm_jax import data
   cfg = config.Config(workdir='w', train_questions='with_both', methods=('mkdm',))
-  train = pipeline.load_examples(cfg, data.get_task('wikiqa'))['train']
+  train = context.load_examples(cfg, data.get_task('wikiqa'))['train']
   assert len(train) == 8651
   for group in np.unique(train.groups):
     labels = train.labels[train.groups == group]
@@ -149,7 +149,7 @@ def test_unlabelled_splits_add_their_pairs_once_without_labels():
   from mkdm_jax import data
   cfg = config.Config(workdir='w', train_questions='with_both', methods=('tmkd',), unlabelled_extra=0,
                         unlabelled_splits=('wikiqa:train', 'qnli:dev'))
-  examples = pipeline.load_examples(cfg, data.get_task('wikiqa'))
+  examples = context.load_examples(cfg, data.get_task('wikiqa'))
   full_train, qnli = data.load_split('wikiqa', 'train'), data.load_split('qnli', 'dev')
   unlabelled = examples['unlabelled']
   assert len(unlabelled) == len(full_train) + len(qnli) == 20360 + 5463
@@ -159,7 +159,7 @@ def test_unlabelled_splits_add_their_pairs_once_without_labels():
   position = {key: i for i, key in enumerate(unlabelled.ids.tolist())}
   i = position[int(qnli.ids[7])]
   assert (unlabelled.text_a[i], unlabelled.text_b[i]) == (qnli.text_a[7], qnli.text_b[7])
-  only_train = pipeline.load_examples(dataclasses.replace(cfg, unlabelled_splits=()), data.get_task('wikiqa'))
+  only_train = context.load_examples(dataclasses.replace(cfg, unlabelled_splits=()), data.get_task('wikiqa'))
   assert unlabelled.fingerprint != only_train['unlabelled'].fingerprint
 
 
@@ -169,7 +169,7 @@ def test_bad_unlabelled_splits_name_the_flag(spec, message):
   from mkdm_jax import data
   cfg = config.Config(workdir='w', methods=('tmkd',), max_train_rows=20, unlabelled_splits=(spec,))
   with pytest.raises(UserError, match=message) as error:
-    pipeline.load_examples(cfg, data.get_task('wikiqa'))
+    context.load_examples(cfg, data.get_task('wikiqa'))
   assert 'nosuch:dev' not in spec or '--unlabelled_splits' in str(error.value)
 
 
@@ -178,9 +178,9 @@ def test_a_new_setting_at_its_default_keeps_saved_runs_current(tmp_path):
   and turn stale once it is set."""
   settings = distill_settings(config.Config(workdir=str(tmp_path), methods=('tmkd',)))
   (tmp_path / 'settings.json').write_text(json.dumps({k: v for k, v in settings.items() if k != 'unlabelled_corpus'}))
-  assert pipeline._stale(tmp_path, settings) == []
+  assert saved_runs.stale_changes(tmp_path, settings) == []
   changed = distill_settings(config.Config(workdir=str(tmp_path), methods=('tmkd',), unlabelled_corpus='c'))
-  assert pipeline._stale(tmp_path, changed) == ["unlabelled_corpus: '' -> 'c'"]
+  assert saved_runs.stale_changes(tmp_path, changed) == ["unlabelled_corpus: '' -> 'c'"]
 
 
 def distill_settings(cfg):
