@@ -18,7 +18,7 @@ from mkdm_jax import cli  # first: sets the XLA CPU flags before jax is imported
 import jax
 from absl import flags, logging
 
-from mkdm_jax import config, pipeline
+from mkdm_jax import config, pipeline, report
 from mkdm_jax.allocator import keep_freed_memory
 from mkdm_jax.errors import UserError
 from mkdm_jax.workdir import WorkdirLock
@@ -82,7 +82,7 @@ def main(argv):
   with WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
     results = pipeline.run(cfg, export_teacher_logits_to=FLAGS.export_teacher_logits)
   if results is not None:
-    print(pipeline.results_markdown(results))
+    print(report.results_markdown(results))
 
 
 if __name__ == '__main__':

@@ -69,7 +69,7 @@ class Config:
   teacher_checkpoints: tuple[str, ...] = _setting(
       ('minilm-l6',), "Teacher per teacher (one value = all): a checkpoint name/folder (or 'random') to fine-tune; "
       "'biencoder:CHECKPOINT', the zero-shot cosine of its mean-pooled embeddings; or 'scores:FILE', imported "
-      'per-row scores (see mkdm_jax/teachers.py). Bi-encoder and scalar scores are calibrated on dev.')
+      'per-row scores (see mkdm_jax/teachers/). Bi-encoder and scalar scores are calibrated on dev.')
   teacher_seeds: tuple[int, ...] = _setting((), 'Seed per teacher (default: 0, 1, 2, ...).')
   teacher_learning_rates: tuple[float, ...] = _setting((5e-5,), 'Learning rate per teacher (one value = all).')
   teacher_batch_sizes: tuple[int, ...] = _setting((), 'Batch size per teacher (one value = all; default '
@@ -91,7 +91,8 @@ class Config:
   precision: str = _setting('fp32', 'Compute dtype (params stay fp32).', ('fp32', 'bf16'))
   allow_pickle: bool = _setting(False, 'Allow pickle checkpoints (they can execute code).')
   # Methods and losses.
-  methods: tuple[str, ...] = _setting(tuple(distill.METHODS), f'Student methods, a subset of {tuple(distill.METHODS)}.')
+  methods: tuple[str, ...] = _setting(distill.DEFAULT_METHODS, f'Student methods, a subset of {tuple(distill.METHODS)} '
+                                      '(see mkdm_jax.distill.METHODS).')
   alpha: float = _setting(0.5, 'Weight of the soft-label term (1 - alpha on gold labels).')
   alpha_end: float | None = _setting(None, 'If set, alpha moves linearly to this value over each run.')
   temperature: float = _setting(2.0, 'Distillation temperature T.')
@@ -209,21 +210,23 @@ def config_from_flagfile(path, **overrides) -> Config:
 
 def validate(cfg: Config):
   """Raises UserError naming the flag(s) of the first setting or combination without meaning."""
-  methods = set(cfg.methods)
-  kd_methods = [m for m in cfg.methods if m in distill.METHODS and distill.METHODS[m].teachers != 'none']
-  weighted = [m for m in cfg.methods if m in distill.METHODS and distill.uses_teacher_weights(m)]
-  multi_head = [m for m in cfg.methods if m in distill.METHODS and distill.METHODS[m].heads == 'per_teacher']
+  known = [m for m in cfg.methods if m in distill.METHODS]
+  distilling = distill.where(known, lambda m: m.distils)
+  weighted = distill.where(known, lambda m: m.weighs_teachers)
+  multi_head = distill.where(known, lambda m: m.heads == 'per_teacher')
+  two_stage = distill.where(known, lambda m: m.pretrain)
+  ensemble = distill.where(known, lambda m: m.target == 'ensemble')
+  names = lambda predicate: ', '.join(name for name, m in distill.METHODS.items() if predicate(m))
+  no_two_stage = f'and --methods has no two-stage method ({names(lambda m: m.pretrain)})'
   aux = [f'--{name}_weight' for name in losses.AUX_TERMS if getattr(cfg, f'{name}_weight') > 0]
   checks = [
       (cfg.workdir is not None, '--workdir is required'),
+      *((getattr(cfg, f.name) in f.metadata['choices'],
+         f'--{f.name}={getattr(cfg, f.name)}: choose from {f.metadata["choices"]}')
+        for f in dataclasses.fields(Config) if f.metadata['choices']),
       (set(cfg.stages) <= set(STAGES), f'--stages: unknown stage in {cfg.stages}; choose from {STAGES}'),
-      (methods <= set(distill.METHODS),
+      (len(known) == len(cfg.methods),
        f'--methods: unknown method in {cfg.methods}; choose from {tuple(distill.METHODS)}'),
-      (0.0 <= cfg.alpha <= 1.0, f'--alpha={cfg.alpha} must lie in [0, 1]'),
-      (cfg.temperature > 0, f'--temperature={cfg.temperature} must be > 0'),
-      (cfg.alpha_end is None or 0.0 <= cfg.alpha_end <= 1.0, f'--alpha_end={cfg.alpha_end} must lie in [0, 1]'),
-      (cfg.temperature_end is None or cfg.temperature_end > 0,
-       f'--temperature_end={cfg.temperature_end} must be > 0'),
       (cfg.num_teachers >= 1, f'--num_teachers={cfg.num_teachers} must be >= 1'),
       (cfg.batch_size > 0 and cfg.batch_size % jax.device_count() == 0,
        f'--batch_size={cfg.batch_size} must be a positive multiple of the {jax.device_count()} devices'),
@@ -244,8 +247,7 @@ def validate(cfg: Config):
        f'--fsdp={cfg.fsdp} must divide the {jax.device_count()} devices'),
       (cfg.speed_repeats >= 1, f'--speed_repeats={cfg.speed_repeats} must be >= 1'),
       (cfg.pretrain_steps >= 0, f'--pretrain_steps={cfg.pretrain_steps} must be >= 0'),
-      (not cfg.pretrain_steps or 'tmkd' in methods,
-       f'--pretrain_steps={cfg.pretrain_steps} sets TMKD stage 1, and --methods has no tmkd'),
+      (not cfg.pretrain_steps or two_stage, f'--pretrain_steps={cfg.pretrain_steps} sets a first stage, {no_two_stage}'),
       # Teacher weighting: only where several teachers meet.
       (cfg.teacher_weighting == 'fixed' or not cfg.teacher_weights,
        '--teacher_weights is given but --teacher_weighting is not fixed: the weights would be ignored; add '
@@ -258,29 +260,26 @@ def validate(cfg: Config):
       (cfg.teacher_weighting == 'uniform' or cfg.num_teachers > 1,
        f'--teacher_weighting={cfg.teacher_weighting} with --num_teachers=1: one teacher has nothing to weight'),
       (cfg.teacher_weighting == 'uniform' or weighted,
-       f'--teacher_weighting={cfg.teacher_weighting} applies to methods with several teachers (kd_ensemble, mkdm, '
-       f'tmkd); --methods={",".join(cfg.methods)} has none'),
-      # kd_ensemble's target.
-      (cfg.ensemble_target == 'probs' or 'kd_ensemble' in methods,
-       f'--ensemble_target={cfg.ensemble_target} applies to kd_ensemble only, which --methods does not include'),
-      (not (cfg.soft_loss == 'mse' and 'kd_ensemble' in methods and cfg.ensemble_target == 'probs'),
+       f'--teacher_weighting={cfg.teacher_weighting} applies to methods with several teachers '
+       f'({names(lambda m: m.weighs_teachers)}); --methods={",".join(cfg.methods)} has none'),
+      # The averaged ensemble target.
+      (cfg.ensemble_target == 'probs' or ensemble,
+       f'--ensemble_target={cfg.ensemble_target} applies to ensemble-target methods '
+       f'({names(lambda m: m.target == "ensemble")}), which --methods does not include'),
+      (not (cfg.soft_loss == 'mse' and ensemble and cfg.ensemble_target == 'probs'),
        '--soft_loss=mse compares raw logits, and a mean of probabilities has none: use '
-       '--ensemble_target=logits for kd_ensemble with --soft_loss=mse'),
-      (not cfg.unlabelled_splits or 'tmkd' in methods,
-       f'--unlabelled_splits={",".join(cfg.unlabelled_splits)} adds TMKD stage-1 pairs, and --methods has no tmkd'),
-      (not cfg.unlabelled_corpus or 'tmkd' in methods,
-       f'--unlabelled_corpus={cfg.unlabelled_corpus} holds TMKD stage-1 pairs, and --methods has no tmkd'),
+       f'--ensemble_target=logits for {", ".join(ensemble)} with --soft_loss=mse'),
+      (not cfg.unlabelled_splits or two_stage,
+       f'--unlabelled_splits={",".join(cfg.unlabelled_splits)} adds first-stage pairs, {no_two_stage}'),
+      (not cfg.unlabelled_corpus or two_stage,
+       f'--unlabelled_corpus={cfg.unlabelled_corpus} holds first-stage pairs, {no_two_stage}'),
       (not cfg.unlabelled_corpus or not (cfg.unlabelled_extra or cfg.unlabelled_splits),
        '--unlabelled_corpus replaces the in-memory stage-1 set: drop --unlabelled_extra and --unlabelled_splits '
        '(prepare those pairs into the corpus instead)'),
-      (not cfg.unlabelled_corpus or all(teachers_lib.parse_spec(distill.per_teacher(cfg.teacher_checkpoints, i))[0]
-                                        == 'checkpoint' for i in range(cfg.num_teachers)),
-       '--unlabelled_corpus is scored by fine-tuned checkpoint teachers; scores:, biencoder: and overlap: '
-       'teachers cannot label a prepared corpus'),
       # Head combination.
       (cfg.head_combine == 'mean' or (multi_head and cfg.num_teachers > 1),
-       '--head_combine=learned needs a student with several heads: --methods with mkdm or tmkd and '
-       '--num_teachers > 1'),
+       '--head_combine=learned needs a student with several heads: --methods with '
+       f'{" or ".join(name for name, m in distill.METHODS.items() if m.heads == "per_teacher")} and --num_teachers > 1'),
       (cfg.head_combine == 'mean' or cfg.dev_split != 'none',
        '--head_combine=learned fits the head weights on the dev split: it needs a --dev_split'),
       # Intermediate-layer terms.
@@ -288,54 +287,60 @@ def validate(cfg: Config):
        f'{"/".join(aux)} need --online_teachers (teacher hidden states are not stored)'),
       (not aux or 'bilstm' not in cfg.students,
        f'{"/".join(aux)} apply to transformer students only, not bilstm'),
-      (not aux or kd_methods, f'{"/".join(aux)} need a method with teachers in --methods'),
-      (not cfg.online_teachers or kd_methods, '--online_teachers needs a method with teachers in --methods'),
+      (not aux or distilling, f'{"/".join(aux)} need a method with teachers in --methods'),
+      (not cfg.online_teachers or distilling, '--online_teachers needs a method with teachers in --methods'),
   ]
   for ok, message in checks:
     if not ok:
       raise UserError(message)
-  _check_teachers(cfg)
+  for method in distilling or known[:1]:
+    try:  # alpha, T and the loss settings are checked where they are defined: the LossConfig
+      distill.loss_config(method, cfg)
+    except ValueError as e:
+      raise UserError(f'--{e}') from None
+  teachers = teachers_lib.build(cfg, pathlib.Path(cfg.shared_dir or cfg.workdir), model_options(cfg),
+                                lambda source: tokenizer_dir_of(cfg, source))
+  _check_teachers(cfg, teachers)
   options = model_options(cfg)
   for arch in cfg.students:
     factory.check_student(arch, distill.student_checkpoint(cfg.student_checkpoint, arch), options,
                           None if arch == 'bilstm' else tuple(cfg.student_layers) or None)
   if aux:
-    _check_intermediate_shapes(cfg)
+    _check_intermediate_shapes(cfg, teachers)
 
 
-def _check_teachers(cfg):
-  """Teacher kinds: bi-encoders and scalar scores are calibrated two-class teachers; online teachers are
-  fine-tuned checkpoints that read the student's token ids."""
-  specs = [teachers_lib.parse_spec(distill.per_teacher(cfg.teacher_checkpoints, i)) for i in range(cfg.num_teachers)]
-  others = [f'{kind}:{source}' for kind, source in specs if kind != 'checkpoint']
-  for kind, source in specs:
-    if kind == 'scores' and not pathlib.Path(source).is_file():
-      raise UserError(f'--teacher_checkpoints: scores:{source}: no such file')
-  calibrated = [f'{kind}:{source}' for kind, source in specs if kind in ('biencoder', 'overlap')]
+def _check_teachers(cfg, teachers):
+  """What the run asks of its teachers: two-class calibrated scores need a two-class task and a dev split; a
+  prepared corpus needs teachers that score it; online teachers run in the step and read the student's token ids."""
+  calibrated = [t.spec for t in teachers if t.calibrated]
   if calibrated and data_lib.get_task(cfg.task).num_classes != 2:
     raise UserError(f'--teacher_checkpoints: {calibrated[0]} gives two-class scores; task {cfg.task} has more '
                     'classes')
   if calibrated and cfg.dev_split == 'none':
     raise UserError(f'--teacher_checkpoints: {calibrated[0]} is calibrated on the dev split: give a --dev_split')
+  if cfg.unlabelled_corpus and not all(t.scores_corpus for t in teachers):
+    raise UserError(f'--unlabelled_corpus is scored by the teachers, and {", ".join(t.spec for t in teachers if not t.scores_corpus)} '
+                    'cannot label a prepared corpus (fine-tuned checkpoint teachers can)')
   if cfg.online_teachers:
-    if others:
-      raise UserError(f'--online_teachers runs teacher models inside the train step; {", ".join(others)} '
+    offline = [t.spec for t in teachers if not t.runs_online]
+    if offline:
+      raise UserError(f'--online_teachers runs teacher models inside the train step; {", ".join(offline)} '
                       'cannot run there: drop --online_teachers (their logits come from the store)')
-    tokenizers = {str(tokenizer_dir_of(cfg, source)) for _, source in specs}
+    tokenizers = {str(t.tokenizer_dir) for t in teachers}
     tokenizers |= {str(tokenizer_dir_of(cfg, distill.student_checkpoint(cfg.student_checkpoint, arch)))
                    for arch in cfg.students}
     if len(tokenizers) > 1:
       raise UserError('--online_teachers: teachers and students read different tokenizers '
                       f'({", ".join(sorted(tokenizers))}) but the step feeds every model the student\'s token ids; '
                       'use stored logits (drop --online_teachers) for mixed families')
+  for t in teachers:
+    t.check()
 
 
-def _check_intermediate_shapes(cfg):
+def _check_intermediate_shapes(cfg, teacher_objects):
   """Hidden-state terms need teachers of one width; attention terms equal head counts everywhere."""
   options = model_options(cfg)
-  teachers = [factory.encoder_config(teachers_lib.parse_spec(distill.per_teacher(cfg.teacher_checkpoints, i))[1],
-                                     options)
-              for i in range(cfg.num_teachers)]
+  teachers = [factory.encoder_config(t.source, options) for t in teacher_objects]
   students = {factory.encoder_config(distill.student_checkpoint(cfg.student_checkpoint, arch), options)
               .num_attention_heads for arch in cfg.students}
   if cfg.hidden_weight > 0 and len({t.hidden_size for t in teachers}) > 1:
@@ -355,10 +360,7 @@ def model_options(cfg: Config) -> factory.ModelOptions:
 
 def buckets_of(cfg: Config) -> tuple[int, ...]:
   """Sorted buckets, capped at and ending with max_length."""
-  buckets = tuple(sorted(cfg.buckets))
-  if not buckets or buckets[-1] > cfg.max_length or cfg.max_length not in buckets:
-    buckets = tuple(b for b in buckets if b < cfg.max_length) + (cfg.max_length,)
-  return buckets
+  return data_lib.batching.bucket_sizes(cfg.max_length, cfg.buckets)
 
 
 def tokenizer_dir_of(cfg: Config, checkpoint: str) -> pathlib.Path:

@@ -19,20 +19,6 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class Teacher:
-  """One teacher: a checkpoint fine-tuned here, a zero-shot bi-encoder, word overlap or imported scores."""
-  index: int
-  kind: str  # one of teachers.KINDS
-  source: str  # checkpoint name/folder, or scores file
-  directory: pathlib.Path
-  tokenizer_dir: pathlib.Path | None  # None for imported scores and word overlap
-
-  @property
-  def name(self):
-    return self.directory.name
-
-
-@dataclasses.dataclass(frozen=True)
 class Context:
   """What every stage reads: the config, folders, task, data, teachers and device mesh."""
   cfg: config.Config
@@ -41,7 +27,7 @@ class Context:
   task: data_lib.TaskSpec
   buckets: tuple[int, ...]
   examples: dict
-  teachers: tuple[Teacher, ...]
+  teachers: tuple[teachers_lib.Teacher, ...]
   mesh: Any
   metrics: list
   primary: str
@@ -83,15 +69,6 @@ def sync_processes(name):
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
-
-
-def teachers_of(cfg: config.Config, shared: pathlib.Path) -> tuple[Teacher, ...]:
-  out = []
-  for i in range(cfg.num_teachers):
-    kind, source = teachers_lib.parse_spec(distill.per_teacher(cfg.teacher_checkpoints, i))
-    out.append(Teacher(i, kind, source, shared / 'teachers' / f'teacher_{i}',
-                       config.tokenizer_dir_of(cfg, source) if kind in ('checkpoint', 'biencoder') else None))
-  return tuple(out)
 
 
 def subsample_negatives(examples, per_positive, seed):
@@ -141,7 +118,7 @@ def load_examples(cfg: config.Config, task):
         train.groups, metrics_lib.evaluated_groups(train.labels, train.groups))))
   if cfg.negatives_per_positive:
     examples['train'] = subsample_negatives(examples['train'], cfg.negatives_per_positive, cfg.data_seed)
-  if 'tmkd' in cfg.methods and not cfg.unlabelled_corpus:  # a corpus is streamed (Context.encoded)
+  if distill.where(cfg.methods, lambda m: m.pretrain) and not cfg.unlabelled_corpus:  # a corpus is streamed
     examples['unlabelled'] = data_lib.add_unlabelled_rows(
         data_lib.make_unlabelled_pairs(examples['train'], cfg.unlabelled_extra, cfg.data_seed),
         [load_unlabelled_split(cfg, spec) for spec in cfg.unlabelled_splits])
@@ -161,5 +138,10 @@ def make_context(cfg: config.Config) -> Context:
   examples = load_examples(cfg, task)
   metric_names, primary = task.metrics_for(examples['eval'])
   return Context(cfg=cfg, workdir=workdir, shared=shared, task=task, buckets=config.buckets_of(cfg), examples=examples,
-                 teachers=teachers_of(cfg, shared), mesh=train.make_mesh(cfg.fsdp), metrics=metric_names,
+                 teachers=build_teachers(cfg, shared), mesh=train.make_mesh(cfg.fsdp), metrics=metric_names,
                  primary=primary)
+
+
+def build_teachers(cfg: config.Config, shared: pathlib.Path):
+  """The run's teacher objects (mkdm_jax.teachers), each reading its own checkpoint's tokenizer."""
+  return teachers_lib.build(cfg, shared, config.model_options(cfg), lambda source: config.tokenizer_dir_of(cfg, source))

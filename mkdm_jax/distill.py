@@ -1,6 +1,7 @@
 """Distillation methods as data, their loss settings, and which settings invalidate which saved run.
 
-A method is a row of `METHODS`; the pipeline interprets the rows. The loss terms live in
+A method is a row of `METHODS`; the pipeline interprets the rows, and every list of methods (which runs a
+setting applies to, which checks a flag needs) derives from the rows' fields. The loss terms live in
 `mkdm_jax.losses` (the soft and gold terms, and the registry `AUX_TERMS`); this module maps a
 method and the run's settings to the `LossConfig` of the one train step.
 
@@ -16,6 +17,7 @@ A saved run records the settings it depends on; a rerun with other values stops 
 derives which swept settings can share teachers from the same table.
 """
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,14 +31,28 @@ from mkdm_jax.losses import LossConfig
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-  """teachers: 'none', 'best_dev' (the teacher with the best dev score) or 'all';
+  """One distillation method, interpreted by the pipeline; every list and check of methods derives from these fields.
+
+  teachers: 'none', 'best_dev' (the teacher with the best dev score) or 'all';
   target: 'none' (gold only), 'per_head' (teacher t -> head t) or 'ensemble' (one averaged target);
-  heads: 'one' or 'per_teacher'; pretrain: TMKD stage 1 (soft labels on unlabelled pairs) first."""
+  heads: 'one' or 'per_teacher'; pretrain: a first stage on unlabelled pairs with the same teachers, target and
+  heads (soft labels only; run `<method>_stage1`), then the method on the labelled rows from its weights;
+  default: run when --methods is not given."""
   teachers: str
   target: str
   heads: str
   pretrain: bool = False
+  default: bool = True
   doc: str = ''
+
+  @property
+  def distils(self) -> bool:
+    return self.teachers != 'none'
+
+  @property
+  def weighs_teachers(self) -> bool:
+    """Several teachers meet (one per head, or inside the ensemble target): --teacher_weighting applies."""
+    return self.teachers == 'all'
 
 
 METHODS = {
@@ -44,40 +60,57 @@ METHODS = {
     'kd_single': Method('best_dev', 'per_head', 'one', doc='the teacher with the best dev score'),
     'kd_ensemble': Method('all', 'ensemble', 'one', doc='one head learns the averaged ensemble target'),
     'mkdm': Method('all', 'per_head', 'per_teacher', doc='head t learns teacher t'),
-    'tmkd': Method('all', 'per_head', 'per_teacher', pretrain=True,
-                   doc='TMKD stage 1 on unlabelled pairs, then mkdm'),
+    'tmkd': Method('all', 'per_head', 'per_teacher', pretrain=True, doc='stage 1 on unlabelled pairs, then mkdm'),
+    'tkd': Method('best_dev', 'per_head', 'one', pretrain=True, default=False,
+                  doc="TMKD's single-teacher control: stage 1 and kd_single with the best dev teacher"),
+    'tkd_ensemble': Method('all', 'ensemble', 'one', pretrain=True, default=False,
+                           doc='both stages on the averaged ensemble target'),
 }
-STAGE1 = 'tmkd_stage1'  # the run name of TMKD stage 1 (one per student architecture)
+DEFAULT_METHODS = tuple(name for name, m in METHODS.items() if m.default)
+STAGE1_SUFFIX = '_stage1'
+
+
+def stage1_run(method: str) -> str:
+  """The run name of a two-stage method's first stage (one per student architecture)."""
+  return method + STAGE1_SUFFIX
+
+
+def method_of(run: str) -> Method:
+  """The Method of a run name: a method, or a method's first stage."""
+  return METHODS[run.removesuffix(STAGE1_SUFFIX)]
+
+
+def runs_of(methods) -> list[str]:
+  """Every training run of `methods` in order: each two-stage method's first stage, then the method."""
+  return [run for m in methods for run in ([stage1_run(m)] if METHODS[m].pretrain else []) + [m]]
+
+
+def where(methods, predicate) -> list[str]:
+  """The names among `methods` whose Method satisfies `predicate`."""
+  return [m for m in methods if m in METHODS and predicate(METHODS[m])]
 
 
 def num_heads(method: str, num_teachers: int) -> int:
-  return num_teachers if METHODS[method].heads == 'per_teacher' else 1
+  return num_teachers if method_of(method).heads == 'per_teacher' else 1
 
 
 def teacher_indices(method: str, num_teachers: int, best: int) -> list[int]:
-  """The teachers a method learns from (`best`: the teacher with the best dev score)."""
-  kind = METHODS[method].teachers
+  """The teachers a method (or its first stage) learns from (`best`: the teacher with the best dev score): the
+  target function of the method table."""
+  kind = method_of(method).teachers
   return {'none': [], 'best_dev': [best], 'all': list(range(num_teachers))}[kind]
 
 
-def uses_teacher_weights(method: str) -> bool:
-  """Whether --teacher_weighting means something for a method: several teachers, one per head or
-  inside the ensemble target."""
-  return METHODS[method].teachers == 'all'
-
-
-def loss_config(method: str, cfg, *, stage1=False) -> LossConfig:
-  """The LossConfig of one method (or of TMKD stage 1) under the run's settings `cfg`."""
-  m = METHODS[method]
-  mode = 'none' if m.target == 'none' else m.target
-  weighted = uses_teacher_weights(method)
+def loss_config(method: str, cfg) -> LossConfig:
+  """The LossConfig of one method (or its first stage) under the run's settings `cfg`."""
+  m = method_of(method)
   return LossConfig(
-      teacher_mode=mode, soft=cfg.soft_loss, alpha=cfg.alpha, alpha_end=cfg.alpha_end,
+      teacher_mode=m.target, soft=cfg.soft_loss, alpha=cfg.alpha, alpha_end=cfg.alpha_end,
       temperature=cfg.temperature, temperature_end=cfg.temperature_end,
-      weighting=cfg.teacher_weighting if weighted else 'uniform',
-      fixed_weights=tuple(cfg.teacher_weights) if weighted and cfg.teacher_weighting == 'fixed' else None,
+      weighting=cfg.teacher_weighting if m.weighs_teachers else 'uniform',
+      fixed_weights=tuple(cfg.teacher_weights) if m.weighs_teachers and cfg.teacher_weighting == 'fixed' else None,
       ensemble_target=cfg.ensemble_target,
-      aux_weights=() if mode == 'none' else tuple(
+      aux_weights=() if not m.distils else tuple(
           (name, getattr(cfg, f'{name}_weight')) for name in losses.AUX_TERMS
           if getattr(cfg, f'{name}_weight') > 0))
 
@@ -116,17 +149,17 @@ def fit_combination_weights(head_logits, labels, steps=300, learning_rate=0.1):
 @dataclasses.dataclass(frozen=True)
 class Setting:
   scope: str
-  methods: tuple[str, ...] | None = None  # students: the runs it applies to (None: all)
+  runs: Callable[[Method, bool], bool] | None = None  # students: (method, is_stage1) -> applies (None: all runs)
   archs: str | None = None  # students: 'bert' or 'bilstm' only
   per_teacher: bool = False  # teachers: a list with one value per teacher (or one for all)
   per_student: bool = False  # students: DEFAULT,FAMILY=VALUE entries resolved per architecture
 
 
 SCOPES = ('data', 'training', 'teachers', 'students', 'evaluation', 'run')
-_KD = ('kd_single', 'kd_ensemble', 'mkdm', 'tmkd', STAGE1)
-_WEIGHTED = ('kd_ensemble', 'mkdm', 'tmkd', STAGE1)
-_TMKD = ('tmkd', STAGE1)
 _DATA, _TRAINING, _RUN, _EVAL = Setting('data'), Setting('training'), Setting('run'), Setting('evaluation')
+_DISTILS = Setting('students', runs=lambda m, stage1: m.distils)
+_WEIGHTED = Setting('students', runs=lambda m, stage1: m.weighs_teachers)
+_TWO_STAGE = Setting('students', runs=lambda m, stage1: m.pretrain)
 
 SETTINGS = {
     # Data and encoding.
@@ -146,22 +179,20 @@ SETTINGS = {
     'student_checkpoint': Setting('students', per_student=True),
     'student_layers': Setting('students', archs='bert'),
     'student_seed': Setting('students'),
-    'student_epochs': Setting('students', methods=tuple(METHODS)),
+    'student_epochs': Setting('students', runs=lambda m, stage1: not stage1),
     'student_learning_rate': Setting('students', archs='bert'),
     'bilstm_learning_rate': Setting('students', archs='bilstm'),
     'bilstm_hidden': Setting('students', archs='bilstm'),
-    'num_teachers': Setting('students', methods=_KD),
-    'head_combine': Setting('students', methods=('mkdm', 'tmkd', STAGE1)),  # stage 1 saves the combine param
+    'num_teachers': _DISTILS,
+    # A first stage saves the combination parameter too.
+    'head_combine': Setting('students', runs=lambda m, stage1: m.heads == 'per_teacher'),
     **dict.fromkeys(('alpha', 'alpha_end', 'temperature', 'temperature_end', 'soft_loss', 'online_teachers',
-                     *(f'{name}_weight' for name in losses.AUX_TERMS)), Setting('students', methods=_KD)),
-    'teacher_weighting': Setting('students', methods=_WEIGHTED),
-    'teacher_weights': Setting('students', methods=_WEIGHTED),
-    'ensemble_target': Setting('students', methods=('kd_ensemble',)),
-    'unlabelled_extra': Setting('students', methods=_TMKD),
-    'unlabelled_splits': Setting('students', methods=_TMKD),
-    'unlabelled_corpus': Setting('students', methods=_TMKD),
-    'pretrain_epochs': Setting('students', methods=_TMKD),
-    'pretrain_steps': Setting('students', methods=_TMKD),
+                     *(f'{name}_weight' for name in losses.AUX_TERMS)), _DISTILS),
+    'teacher_weighting': _WEIGHTED,
+    'teacher_weights': _WEIGHTED,
+    'ensemble_target': Setting('students', runs=lambda m, stage1: m.target == 'ensemble'),
+    **dict.fromkeys(('unlabelled_extra', 'unlabelled_splits', 'unlabelled_corpus', 'pretrain_epochs',
+                     'pretrain_steps'), _TWO_STAGE),
     # Evaluation only.
     **dict.fromkeys(('eval_split', 'eval_batch_size', 'speed_rows', 'speed_repeats'), _EVAL),
     # Bookkeeping.
@@ -190,13 +221,14 @@ def teacher_settings(cfg, index: int) -> dict:
   return _plain(out)
 
 
-def student_settings(cfg, arch: str, method: str) -> dict:
-  """The settings a student run (a method, or TMKD stage 1) depends on, teachers aside."""
+def student_settings(cfg, arch: str, run: str) -> dict:
+  """The settings a student run (a method, or a method's first stage) depends on, teachers aside."""
   family = 'bilstm' if arch == 'bilstm' else 'bert'
-  out = {'arch': arch, 'method': method}
+  method, stage1 = method_of(run), run.endswith(STAGE1_SUFFIX)
+  out = {'arch': arch, 'method': run}
   for name, setting in SETTINGS.items():
     if setting.scope in ('data', 'training') or (
-        setting.scope == 'students' and (setting.methods is None or method in setting.methods)
+        setting.scope == 'students' and (setting.runs is None or setting.runs(method, stage1))
         and setting.archs in (None, family)):
       value = getattr(cfg, name)
       out[name] = student_checkpoint(value, arch) if setting.per_student else value

@@ -221,8 +221,8 @@ class LossConfig:
     for name in ('alpha', 'alpha_end'):
       value = getattr(self, name)
       if value is not None and not 0.0 <= value <= 1.0:
-        raise ValueError(f'{name} must lie in [0, 1], got {value}')
+        raise ValueError(f'{name}={value} must lie in [0, 1]')
     for name in ('temperature', 'temperature_end'):
       value = getattr(self, name)
       if value is not None and value <= 0:
-        raise ValueError(f'{name} must be > 0, got {value}')
+        raise ValueError(f'{name}={value} must be > 0')

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from mkdm_jax import config, distill, losses, models, pipeline
+from mkdm_jax import config, distill, losses, models
 from mkdm_jax.models import factory
 from mkdm_jax.losses import LossConfig
 from mkdm_jax.train.step import make_loss_fn
@@ -172,10 +172,40 @@ def test_loss_config_aux_terms_only_when_weighted_and_with_teachers(method):
 
 @pytest.mark.parametrize('method,heads,indices', [
     ('student_scratch', 1, []), ('kd_single', 1, [2]), ('kd_ensemble', 1, [0, 1, 2]),
-    ('mkdm', 3, [0, 1, 2]), ('tmkd', 3, [0, 1, 2])])
+    ('mkdm', 3, [0, 1, 2]), ('tmkd', 3, [0, 1, 2]), ('tmkd_stage1', 3, [0, 1, 2]),
+    ('tkd', 1, [2]), ('tkd_stage1', 1, [2]), ('tkd_ensemble', 1, [0, 1, 2]), ('tkd_ensemble_stage1', 1, [0, 1, 2])])
 def test_num_heads_and_teacher_indices(method, heads, indices):
   assert distill.num_heads(method, 3) == heads
   assert distill.teacher_indices(method, 3, best=2) == indices
+
+
+def test_tkd_targets_are_kd_singles_and_tkd_ensembles_are_kd_ensembles():
+  """TMKD's single-teacher control: both stages learn the best dev teacher's soft labels with one head (the
+  kd_single target); tkd_ensemble's both stages learn the averaged ensemble target."""
+  for run in ('tkd', 'tkd_stage1'):
+    assert distill.loss_config(run, CFG) == distill.loss_config('kd_single', CFG)
+  for run in ('tkd_ensemble', 'tkd_ensemble_stage1'):
+    assert distill.loss_config(run, CFG) == distill.loss_config('kd_ensemble', CFG)
+  assert distill.runs_of(['kd_single', 'tkd', 'tmkd']) == ['kd_single', 'tkd_stage1', 'tkd', 'tmkd_stage1', 'tmkd']
+
+
+def test_default_methods_are_the_rows_marked_default():
+  assert distill.DEFAULT_METHODS == ('student_scratch', 'kd_single', 'kd_ensemble', 'mkdm', 'tmkd')
+  assert config.Config().methods == distill.DEFAULT_METHODS
+
+
+def test_a_new_row_is_enough_for_a_method(monkeypatch):
+  """Adding a method is one row: its runs, settings and checks derive from the row's fields."""
+  row = distill.Method('all', 'ensemble', 'per_teacher', pretrain=True)
+  monkeypatch.setitem(distill.METHODS, 'new_method', row)
+  cfg = dataclasses.replace(CFG, methods=('new_method',))
+  assert distill.runs_of(cfg.methods) == ['new_method_stage1', 'new_method']
+  stage1 = distill.student_settings(cfg, 'bert3', 'new_method_stage1')
+  second = distill.student_settings(cfg, 'bert3', 'new_method')
+  for name in ('unlabelled_extra', 'ensemble_target', 'teacher_weighting', 'head_combine', 'alpha'):
+    assert name in stage1 and name in second, name
+  assert 'student_epochs' in second and 'student_epochs' not in stage1
+  assert distill.num_heads('new_method_stage1', 3) == 3
 
 
 # The settings table.
@@ -218,24 +248,20 @@ def test_student_settings_apply_to_their_method_and_architecture():
   for name in ('alpha', 'temperature', 'student_learning_rate', 'num_teachers', 'teacher_weighting'):
     assert name not in scratch, name
   assert 'ensemble_target' in distill.student_settings(cfg, 'bert3', 'kd_ensemble')
-  assert 'unlabelled_extra' in distill.student_settings(cfg, 'bert3', distill.STAGE1)
+  assert 'unlabelled_extra' in distill.student_settings(cfg, 'bert3', distill.stage1_run('tmkd'))
 
 
 def test_stage1_settings_record_head_combine():
   """TMKD stage 1 is built with --head_combine (learned adds a 'combine_weights' param) and tmkd starts from
-  its params, so a stage-1 run saved under the other value cannot be reused.
-
-  Library bug: distill.SETTINGS['head_combine'] applies to ('mkdm', 'tmkd') but not distill.STAGE1. A tmkd
-  run with --head_combine=mean, rerun with --head_combine=learned --overwrite, retrains tmkd from the kept
-  mean stage-1 params, and the learned model fails with flax's ScopeParamNotFoundError 'combine_weights'.
-  """
+  its params, so a stage-1 run saved under the other value cannot be reused (the setting applies to every run of
+  a multi-head method: both stages)."""
   options = factory.ModelOptions()
   _, mean = factory.student('bert1', 'random', 2, 3, 0, options, combine='mean')
   _, learned = factory.student('bert1', 'random', 2, 3, 0, options, combine='learned')
   assert set(learned) - set(mean) == {'combine_weights'}  # stage 1's saved params depend on the setting
   cfg = config.Config(workdir='w', methods=('tmkd',))
   stage1 = lambda combine: distill.student_settings(dataclasses.replace(cfg, head_combine=combine), 'bert1',
-                                                    distill.STAGE1)
+                                                    distill.stage1_run('tmkd'))
   assert distill.changed_settings(stage1('mean'), stage1('learned')) == ["head_combine: 'mean' -> 'learned'"]
 
 

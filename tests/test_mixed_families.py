@@ -7,7 +7,7 @@ import pytest
 
 from conftest import CI_TINY, run_pipeline
 from mkdm_jax import config, context, data, metrics
-from mkdm_jax import teachers as teachers_lib
+from mkdm_jax.teachers import overlap as overlap_teacher
 
 FLAGS = dict(max_train_rows=40, max_eval_rows=60, unlabelled_extra=0, num_teachers=3, max_length=32,
              buckets=(32,), batch_size=8, eval_batch_size=32, teacher_learning_rates=(3e-5,), speed_rows=32,
@@ -72,7 +72,7 @@ def test_word_overlap_teachers_are_zero_shot_baselines(tmp_path, xla_cache):
   for name, weight in (('teacher_0', 'idf'), ('teacher_1', 'count')):
     assert (rows[name]['kind'], rows[name]['checkpoint']) == ('overlap', weight)
     assert rows[name]['params'] == 0 and rows[name]['examples_per_sec'] > 0
-    raw = teachers_lib.word_overlap_scores(test.text_a, test.text_b, weight, passages)
+    raw = overlap_teacher.word_overlap_scorer(weight, passages)(test.text_a, test.text_b)
     probs = np.stack([1 - 1 / (1 + np.exp(-raw)), 1 / (1 + np.exp(-raw))], 1)  # any increasing map of the score
     expected = metrics.compute(['map', 'mrr', 'auc'], test.labels, probs, test.groups)
     for metric in ('map', 'mrr', 'auc'):

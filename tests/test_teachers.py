@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mkdm_jax import teachers
+from mkdm_jax.teachers import base, biencoder, overlap, scores
 from mkdm_jax.errors import UserError
 
 
@@ -24,14 +25,14 @@ def test_parse_spec():
 def test_read_scalar_and_logit_scores(tmp_path):
   tsv = tmp_path / 's.tsv'
   tsv.write_text('group\trow\tlabel\tscore\thead_0\nQ1\t-5\t1\t0.25\t0.2\nQ1\t7\t0\t-1.5\t0.1\n')
-  keys, values = teachers.read_scores(tsv, 2)
+  keys, values = scores.read_scores(tsv, 2)
   assert keys.tolist() == [-5, 7] and values.tolist() == [0.25, -1.5]
   tsv.write_text('row\tlogit_0\tlogit_1\n3\t1.0\t-2.0\n')
-  keys, values = teachers.read_scores(tsv, 2)
+  keys, values = scores.read_scores(tsv, 2)
   assert keys.tolist() == [3] and values.tolist() == [[1.0, -2.0]]
   jsonl = tmp_path / 's.jsonl'
   jsonl.write_text(json.dumps({'row': 1, 'logits': [0.5, 1.5]}) + '\n' + json.dumps({'row': 2, 'logits': [0, 1]}))
-  keys, values = teachers.read_scores(jsonl, 2)
+  keys, values = scores.read_scores(jsonl, 2)
   assert keys.tolist() == [1, 2] and values.tolist() == [[0.5, 1.5], [0.0, 1.0]]
 
 
@@ -50,17 +51,17 @@ def test_bad_score_files_name_file_and_line(tmp_path, name, content, message):
   path = tmp_path / name
   path.write_text(content)
   with pytest.raises(UserError) as e:
-    teachers.read_scores(path, 2)
+    scores.read_scores(path, 2)
   assert str(path) in str(e.value) and message in str(e.value)
 
 
 def test_align_reports_missing_rows_and_ignores_others(tmp_path):
   keys, values = np.array([10, 11, 12]), np.array([1.0, 2.0, 3.0])
-  out = teachers.align('f.tsv', keys, values, {'train': np.array([12, 10]), 'dev': np.array([11])})
+  out = scores.align('f.tsv', keys, values, {'train': np.array([12, 10]), 'dev': np.array([11])})
   assert out['train'].tolist() == [3.0, 1.0] and out['dev'].tolist() == [2.0]
   with pytest.raises(UserError, match=r'missing for dev: 1 rows \(first keys \[99\]\)'):
-    teachers.align('f.tsv', keys, values, {'train': np.array([12, 10, 11]), 'dev': np.array([99])})
-  out = teachers.align('f.tsv', keys, values, {'train': np.array([12])})  # a file may cover more rows
+    scores.align('f.tsv', keys, values, {'train': np.array([12, 10, 11]), 'dev': np.array([99])})
+  out = scores.align('f.tsv', keys, values, {'train': np.array([12])})  # a file may cover more rows
   assert out['train'].tolist() == [3.0]
 
 
@@ -70,12 +71,12 @@ def test_calibration_recovers_a_logistic_model():
   a, b = 1.5, -4.0
   labels = (rng.random(20000) < 1 / (1 + np.exp(-(a * scores + b)))).astype(np.int32)
   labels[:100] = -1  # unlabelled rows are ignored
-  fitted_a, fitted_b = teachers.fit_calibration(scores, labels)
+  fitted_a, fitted_b = base.fit_calibration(scores, labels)
   assert fitted_a == pytest.approx(a, rel=0.08) and fitted_b == pytest.approx(b, rel=0.08)
-  logits = teachers.calibrated_logits(np.array([0.0, 2.0]), fitted_a, fitted_b)
+  logits = base.calibrated_logits(np.array([0.0, 2.0]), fitted_a, fitted_b)
   np.testing.assert_allclose(logits, [[0, fitted_b], [0, 2 * fitted_a + fitted_b]], rtol=1e-6)
   with pytest.raises(UserError, match='both classes'):
-    teachers.fit_calibration(scores[:10], np.zeros(10, np.int32))
+    base.fit_calibration(scores[:10], np.zeros(10, np.int32))
 
 
 def test_mean_pooled_cosines_by_hand(minilm_dir):
@@ -87,7 +88,7 @@ def test_mean_pooled_cosines_by_hand(minilm_dir):
   embed = lambda ids, mask: table[ids]  # token states: a fixed random vector per token id
   text_a, text_b = ['who wrote hamlet', 'what is a cat', 'who wrote hamlet'], ['shakespeare', 'a cat is an animal',
                                                                                'a cat is an animal']
-  cosines = teachers.mean_pooled_cosines(embed, tokenizer, text_a, text_b, max_length=16, batch_size=2)
+  cosines = biencoder.mean_pooled_cosines(embed, tokenizer, text_a, text_b, max_length=16, batch_size=2)
 
   def hand(text):
     ids = tokenizer.encode(text).ids  # [CLS] ... [SEP], as the sentence encoder sees a single text
@@ -102,11 +103,11 @@ def test_scores_fingerprint_follows_the_file(tmp_path):
   import os
   path = tmp_path / 's.tsv'
   path.write_text('row\tscore\n1\t0.5\n')
-  first = teachers.scores_fingerprint(path)
+  first = scores.scores_fingerprint(path)
   assert first == 'sha256:' + hashlib.sha256(path.read_bytes()).hexdigest()[:16]
   path.write_text('row\tscore\n1\t0.7\n')
   os.utime(path, ns=(1, 2))  # a new version, whatever the clock
-  assert teachers.scores_fingerprint(path) == 'sha256:' + hashlib.sha256(path.read_bytes()).hexdigest()[:16] != first
+  assert scores.scores_fingerprint(path) == 'sha256:' + hashlib.sha256(path.read_bytes()).hexdigest()[:16] != first
 
 
 def test_gzipped_score_files_read_like_plain_ones(tmp_path):
@@ -114,12 +115,12 @@ def test_gzipped_score_files_read_like_plain_ones(tmp_path):
                      ('s.jsonl.gz', json.dumps({'row': 3, 'logits': [1.0, -2.0]}) + '\n')):
     with gzip.open(tmp_path / name, 'wt') as f:
       f.write(text)
-    keys, values = teachers.read_scores(tmp_path / name, 2)
+    keys, values = scores.read_scores(tmp_path / name, 2)
     assert keys.tolist() == [3] and values.tolist() == [[1.0, -2.0]]
   broken = tmp_path / 'broken.tsv.gz'
   broken.write_bytes(gzip.compress(b'row\tscore\n1\t0.5\n')[:-9])  # cut short
   with pytest.raises(UserError, match=f'{broken}: cannot read teacher scores'):
-    teachers.read_scores(broken, 2)
+    scores.read_scores(broken, 2)
 
 
 def test_word_overlap_by_hand():
@@ -127,9 +128,9 @@ def test_word_overlap_by_hand():
   (what/is/the/of are stop words); IDF over the 3 distinct passages."""
   passages = ['Paris is the capital of France.', 'France borders Spain.', 'The capital of Peru is Lima.']
   q = 'What is the capital of France?'
-  counts = teachers.word_overlap_scores([q, q, q], passages, 'count', passages)
+  counts = overlap.word_overlap_scorer('count', passages)([q, q, q], passages)
   assert counts.tolist() == [2.0, 1.0, 1.0]
-  idf = teachers.word_overlap_scores([q, q, q], passages, 'idf', passages)
+  idf = overlap.word_overlap_scorer('idf', passages)([q, q, q], passages)
   capital, france = np.log(3 / 2), np.log(3 / 2)  # each word is in 2 of the 3 passages
   np.testing.assert_allclose(idf, [capital + france, france, capital])
-  assert teachers.word_overlap_scores(['Who?'], ['Nobody at all.'], 'idf', []).tolist() == [0.0]
+  assert overlap.word_overlap_scorer('idf', [])(['Who?'], ['Nobody at all.']).tolist() == [0.0]
