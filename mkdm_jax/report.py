@@ -47,7 +47,7 @@ def timed_model(ctx, model, params, tokenizer_dir):
 def threshold_of(ctx, dev_probs):
   """The F1-best threshold on dev (binary tasks with a dev split), else None."""
   labels = ctx.examples['dev'].labels if 'dev' in ctx.examples else None
-  if dev_probs is None or ctx.task.num_classes != 2 or not (labels == 1).any():
+  if dev_probs is None or labels is None or ctx.task.num_classes != 2 or not (labels == 1).any():
     return None
   return metrics_lib.best_f1_threshold(labels, dev_probs[:, 1])
 

@@ -134,3 +134,27 @@ def test_word_overlap_by_hand():
   capital, france = np.log(3 / 2), np.log(3 / 2)  # each word is in 2 of the 3 passages
   np.testing.assert_allclose(idf, [capital + france, france, capital])
   assert overlap.word_overlap_scorer('idf', [])(['Who?'], ['Nobody at all.']).tolist() == [0.0]
+
+
+def test_build_makes_one_object_per_spec_with_its_own_settings(tmp_path):
+  from mkdm_jax import config
+  scores_file = tmp_path / 's.tsv'
+  scores_file.write_text('row\tscore\n1\t0.5\n')
+  cfg = config.Config(workdir='w', num_teachers=4, teacher_seeds=(7, 8, 9, 10), teacher_learning_rates=(1e-5,),
+                      teacher_checkpoints=('random', 'biencoder:minilm-l6', 'overlap:idf', f'scores:{scores_file}'))
+  resolved = []
+  built = teachers.build(cfg, tmp_path, config.model_options(cfg), lambda source: resolved.append(source) or source)
+  assert [type(t) for t in built] == [teachers.FineTuned, teachers.BiEncoder, teachers.WordOverlap,
+                                      teachers.ImportedScores]
+  assert [t.name for t in built] == ['teacher_0', 'teacher_1', 'teacher_2', 'teacher_3']
+  assert (built[0].seed, built[0].learning_rate, built[0].batch_size) == (7, 1e-5, None)
+  assert [(t.trains, t.runs_online, t.scores_corpus, t.calibrated) for t in built] == [
+      (True, True, True, False), (False, False, False, True), (False, False, False, True),
+      (False, False, False, False)]
+  assert resolved == []  # tokenizers resolve on first use only (a hub checkpoint would download)
+  assert built[1].tokenizer_dir == 'minilm-l6' and built[2].tokenizer_dir is None
+  assert built[2].fingerprint() == 'overlap:idf' and built[3].fingerprint().startswith('sha256:')
+  built[3].check()
+  scores_file.unlink()
+  with pytest.raises(UserError, match='no such file'):
+    built[3].check()
