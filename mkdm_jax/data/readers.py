@@ -11,6 +11,7 @@ TSV has no quoting (WikiQA sentences contain bare quotes): fields are split on e
 Row ids are `row_key`s of the rows' texts and raw group, so they do not move when other rows are skipped.
 """
 import dataclasses
+import gzip
 import hashlib
 import itertools
 import json
@@ -177,7 +178,8 @@ def check_text(value, column) -> str:
 
 
 class _Lines:
-  """A file's numbered lines (without line ends), read one at a time, and the file's sha256.
+  """A file's numbered lines (without line ends), read one at a time, and the sha256 of its (for *.gz,
+  decompressed) bytes.
 
   Blank lines at the end of the file are dropped; a blank line before a row is yielded as it is (the row
   parser rejects it). Memory is bounded by the longest run of blank lines, not the file size.
@@ -186,7 +188,8 @@ class _Lines:
   def __init__(self, path: Path):
     self.path = path
     try:
-      self._file = open(path, "rb")  # noqa: SIM115 (closed by sha256(), which every reader calls)
+      # Closed by sha256(), which every reader calls.
+      self._file = (gzip.open if path.suffix == ".gz" else open)(path, "rb")  # noqa: SIM115
     except OSError as e:
       raise UserError(f"{path}: cannot read file: {e.strerror}") from e
     self._hash = hashlib.sha256()

@@ -2,6 +2,8 @@
 
 Tasks (label orders; f1/auc/map/mrr score class 1):
   wikiqa          local WikiQA-{train,dev,test}.tsv; 0 not_answer, 1 answer; groups = questions.
+  squad           local squad/squad-v1.1-{train,dev}-pairs.tsv.gz: SQuAD v1.1 questions with every sentence of their
+                  paragraph (label 1: the sentence holds an answer string, a weak label); as wikiqa.
   rte, qnli       local GLUE TSVs {train,dev,test}.tsv; 0 entailment, 1 not_entailment (GLUE/tfds order).
   tsv, jsonl      a user file given by `path` and column arguments; binary labels 0/1 (optional).
   tfds:glue/mnli  tfds; 0 entailment, 1 neutral, 2 contradiction; splits train, validation_matched,
@@ -25,6 +27,8 @@ from mkdm_jax.errors import UserError
 WIKIQA_HINT = ("WikiQA is a manual download from Microsoft Research "
                "(https://www.microsoft.com/en-us/download/details.aspx?id=52419): unzip it and put "
                "WikiQA-{train,dev,test}.tsv in <data_dir>/wikiqa/.")
+SQUAD_HINT = ("SQuAD v1.1 question-sentence pairs: put squad-v1.1-{train,dev}-pairs.tsv.gz (columns qid, question, "
+              "sentence, label, title, paragraph) in <data_dir>/squad/.")
 GLUE_HINT = ("GLUE TSVs come from https://gluebenchmark.com/tasks: put {train,dev,test}.tsv in "
              "<data_dir>/{task}/, or use the tfds:glue/{task} task.")
 
@@ -126,6 +130,9 @@ TASKS = {spec.name: spec for spec in [
     TaskSpec("wikiqa", 2, ["not_answer", "answer"], _RANKING, "map", _local_tsv(
         "wikiqa", {s: f"WikiQA-{s}.tsv" for s in ("train", "dev", "test")},
         ("Question", "Sentence", "Label", "QuestionID"), WIKIQA_HINT, whole_groups=True)),
+    TaskSpec("squad", 2, ["not_answer", "answer"], _RANKING, "map", _local_tsv(
+        "squad", {s: f"squad-v1.1-{s}-pairs.tsv.gz" for s in ("train", "dev")},
+        ("question", "sentence", "label", "qid"), SQUAD_HINT, whole_groups=True)),
     TaskSpec("rte", 2, _NLI, _BINARY, "accuracy", _local_tsv(
         "rte", _GLUE_FILES, ("sentence1", "sentence2", "label", None), GLUE_HINT.replace("{task}", "rte"))),
     TaskSpec("qnli", 2, _NLI, _BINARY, "accuracy", _local_tsv(
