@@ -180,29 +180,35 @@ def config_from_strings(values: dict[str, Any]) -> Config:
   return Config(**{name: _convert(name, types[name], value) for name, value in values.items()})
 
 
-def config_from_flagfile(path, **overrides) -> Config:
-  """A Config from an experiments/configs flagfile (`--name=value`, `--name` / `--noname` for booleans,
-  `#` comments) with keyword overrides: what run.py would build, without absl (for notebooks and scripts)."""
+def flag_values(lines, source) -> dict[str, str]:
+  """{name: value string} of flag lines (`--name=value`, `--name` / `--noname` for booleans, blank lines and `#`
+  comments skipped): the one reader of the flag language besides absl. UserError names `source`:line."""
   values = {}
-  path = pathlib.Path(path)
-  try:
-    lines = path.read_text().splitlines()
-  except OSError as e:
-    raise UserError(f'{path}: cannot read flagfile: {e.strerror}') from None
   bools = {name for name, kind in config_types().items() if kind is bool}
   for lineno, line in enumerate(lines, 1):
     line = line.strip()
     if not line or line.startswith('#'):
       continue
     if not line.startswith('--'):
-      raise UserError(f'{path}:{lineno}: expected --name=value, got {line!r}')
+      raise UserError(f'{source}:{lineno}: expected --name=value, got {line!r}')
     name, eq, value = line[2:].partition('=')
     if not eq and name in bools:
       value = 'true'
     elif not eq and name.startswith('no') and name[2:] in bools:
       name, value = name[2:], 'false'
     values[name] = value
-  return config_from_strings({**values, **overrides})
+  return values
+
+
+def config_from_flagfile(path, **overrides) -> Config:
+  """A Config from an experiments/configs flagfile (see `flag_values`) with keyword overrides: what run.py would
+  build, without absl (for notebooks and scripts)."""
+  path = pathlib.Path(path)
+  try:
+    lines = path.read_text().splitlines()
+  except OSError as e:
+    raise UserError(f'{path}: cannot read flagfile: {e.strerror}') from None
+  return config_from_strings({**flag_values(lines, path), **overrides})
 
 
 # ---------------------------------------------------------------------------------------------

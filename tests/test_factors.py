@@ -1,4 +1,5 @@
-"""experiments/factors.py on ci_tiny: two variants of a one-seed study and how the second moves mkdm - kd_single."""
+"""experiments/factors.py on ci_tiny: two variants of a one-seed study and how the second moves mkdm - kd_single
+(the library without processes: tests/test_studies.py)."""
 import json
 import os
 import subprocess
@@ -11,6 +12,8 @@ from conftest import CI_TINY, REPO
 COMMON = ['--student=bert1', '--seeds=0', '--pair=mkdm:kd_single,mkdm:student_scratch',
           '--variant=reference:', '--variant=alpha=0.9:--alpha=0.9']
 RUN_FLAGS = ['--', '--methods=student_scratch,kd_single,mkdm', '--num_teachers=2']
+
+pytestmark = pytest.mark.slow  # every test starts factors.py, and the variants train
 
 
 def run_factors(*args):
@@ -45,7 +48,7 @@ def test_variants_and_the_change_of_the_difference(tmp_path, xla_cache):
   assert all('change' not in t for t in report['variants'][0]['pairs'])
   table = (root / 'factors.md').read_text()
   change = report['variants'][1]['pairs'][0]['change']
-  assert f"| alpha=0.9 | `--alpha=0.9` | 1 |" in table and f"{change['mean_difference']:+.4f}" in table
+  assert "| alpha=0.9 | `--alpha=0.9` | 1 |" in table and f"{change['mean_difference']:+.4f}" in table
 
   # --report_only trains nothing and lists a variant without records as not run; the others are reported as before.
   proc = run_factors(f'--base_flagfile={CI_TINY}', f'--workdir={root}', *COMMON, '--variant=T=4:--temperature=4',
@@ -62,6 +65,7 @@ def test_variants_and_the_change_of_the_difference(tmp_path, xla_cache):
     (['--variant=a:', '--variant=a:--alpha=0.2'], 'each name once'),
     (['--variant=a:', '--variant=b:alpha=0.2'], "'alpha=0.2' is not a --flag"),
     (['--variant=a:', '--variant=no name:--alpha=0.2'], 'expected NAME:FLAGS'),
+    (['--variant=a:', '--variant=b:--student_seed=1'], '--student_seed is set by factors.py itself'),
 ])
 def test_bad_variants_are_one_error_line(tmp_path, variants, message):
   proc = run_factors(f'--base_flagfile={CI_TINY}', f'--workdir={tmp_path / "f"}', *variants)

@@ -1,4 +1,5 @@
-"""experiments/study.py end to end on ci_tiny (one student architecture, two teachers), as the user runs it."""
+"""experiments/study.py end to end on ci_tiny (one student architecture, two teachers), as the user runs it
+(the library without processes: tests/test_studies.py)."""
 import json
 import os
 import shutil
@@ -14,6 +15,8 @@ from mkdm_jax import stats
 
 STUDY = ['--', '--methods=student_scratch,kd_single,mkdm', '--students=bert1', '--num_teachers=2']
 TESTED = [('mkdm', 'kd_single'), ('mkdm', 'student_scratch'), ('kd_single', 'student_scratch')]
+
+pytestmark = pytest.mark.slow  # every test starts study.py, and the study trains
 
 
 def run_study(*args):
@@ -158,7 +161,6 @@ def test_records_alone_rebuild_the_report_in_another_session(study, tmp_path):
 @pytest.mark.parametrize('args,message', [
     (['--base_flagfile=no/such.flags'], '--base_flagfile=no/such.flags: no such file'),
     (['--seeds=0,x'], '--seeds=0,x: expected distinct non-negative integers'),
-    (['--seeds=1,1'], '--seeds=1,1: expected distinct non-negative integers'),
     (['--pairs=mkdm:nope'], "unknown method 'nope'"),
     (['--', '--student_seed=3'], '--student_seed is set by study.py itself'),
 ])

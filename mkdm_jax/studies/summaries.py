@@ -1,0 +1,112 @@
+"""What a sweep measured: means and std over seeds, paired tests over questions (mkdm_jax.stats), sweep scores.
+
+Paired tests take each question's score averaged over the seeds, then resample questions: the seeds are
+treated as fixed (the interval leaves out seed-to-seed variance).
+"""
+import numpy as np
+
+from mkdm_jax import stats
+from mkdm_jax.errors import UserError
+
+ALPHA, POWER = 0.05, 0.8  # of the minimal detectable difference
+
+
+def mean_std(values) -> dict:
+  """Mean and sample standard deviation (ddof=1; None for one value)."""
+  values = np.asarray(values, float)
+  return {'mean': float(values.mean()), 'std': float(values.std(ddof=1)) if len(values) > 1 else None}
+
+
+def records_of(records, arch):
+  return [r for r in records if r['student'] == arch]
+
+
+def summarise(records, students) -> list[dict]:
+  """Teacher rows once (fixed across runs: their seeds entry is None), then per architecture each student row's
+  mean and std over its seeds, on eval and on dev."""
+  teachers = [r for r in records[0]['rows'] if r['student'] is None]
+  for record in records[1:]:
+    if [r for r in record['rows'] if r['student'] is None] != teachers:
+      raise UserError(f"the records of {records[0]['student']} seed {records[0]['seed']} and {record['student']} "
+                      f"seed {record['seed']} disagree on the teachers' metrics: they were not made from the same "
+                      'teachers')
+  summary = [{'name': r['name'], 'method': r['method'], 'student': None, 'seeds': None,
+              **{key: {m: {'mean': v, 'std': None} for m, v in r[key].items()}
+                 for key in ('metrics', 'dev_metrics') if r[key] is not None}} for r in teachers]
+  for arch in students:
+    arch_records = records_of(records, arch)
+    if not arch_records:
+      continue
+    runs = [{r['name']: r for r in record['rows']} for record in arch_records]
+    for name in [r['name'] for r in arch_records[0]['rows'] if r['student'] == arch]:
+      rows = [run[name] for run in runs]
+      entry = {'name': name, 'method': rows[0]['method'], 'student': arch, 'seeds': len(rows)}
+      for key in ('metrics', 'dev_metrics'):
+        if rows[0][key] is not None:
+          entry[key] = {m: mean_std([r[key][m] for r in rows]) for m in rows[0][key]}
+      summary.append(entry)
+  return summary
+
+
+def question_means(records, name, metric) -> np.ndarray:
+  """Row `name`'s per-question `metric` scores, each averaged over the records' seeds."""
+  return np.mean([r['question_scores'][metric][name] for r in records], axis=0)
+
+
+def paired_tests(pairs, students, records, metric) -> list[dict]:
+  """Per student architecture, each pair (a, b)'s test of a - b on the seed-averaged question scores, the smallest
+  difference it could detect, and Holm-corrected p-values within the architecture."""
+  tests = []
+  for arch in students:
+    runs = records_of(records, arch)
+    if not runs:
+      continue
+    rows = []
+    for a, b in pairs:
+      x, y = question_means(runs, f'{arch}_{a}', metric), question_means(runs, f'{arch}_{b}', metric)
+      rows.append({'student': arch, 'a': a, 'b': b, 'seeds': len(runs), 'questions': len(x),
+                   **stats.paired_bootstrap(x, y), 'mde': stats.minimal_detectable_difference(x - y, ALPHA, POWER)})
+    for row, p in zip(rows, stats.holm([r['p_value'] for r in rows])):
+      row['p_holm'] = float(p)
+    tests += rows
+  return tests
+
+
+def factor_tests(study, records, pairs, reference=None):
+  """A factor variant's tests from its study report: per pair (a, b) whose methods it ran, both methods' means and
+  a - b over the questions (seed-averaged), and against `reference` ({pair: the reference variant's a - b per
+  question}) the change of a - b. Returns (tests, {pair: this variant's a - b per question})."""
+  (student,), metric = study['students'], study['metric']
+  means = {r['name']: r['metrics'][metric]['mean'] for r in study['summary']}
+  tests, differences = [], {}
+  for a, b in pairs:
+    if not {a, b} <= set(study['methods']):
+      continue
+    x, y = question_means(records, f'{student}_{a}', metric), question_means(records, f'{student}_{b}', metric)
+    differences[a, b] = x - y
+    test = {'a': a, 'b': b, 'mean_a': means[f'{student}_{a}'], 'mean_b': means[f'{student}_{b}'],
+            **stats.paired_bootstrap(x, y)}
+    if reference is not None and (a, b) in reference:
+      test['change'] = stats.paired_bootstrap(differences[a, b], reference[a, b])
+    tests.append(test)
+  return tests, differences
+
+
+def sweep_scores(flag, shares_teachers, values, results, metric, workdirs) -> dict:
+  """One ablation sweep: per variant (value) its `metric` by method, or by row name when several students."""
+  students = [{r['student'] for r in res['rows'] if r['student']} for res in results]
+  by_name = any(len(s) > 1 for s in students)
+  columns, variants = [], []
+  for value, res, workdir in zip(values, results, workdirs):
+    scores = {}
+    for row in res['rows']:
+      if row['method'] == 'teacher':
+        continue
+      if metric not in row['metrics']:
+        raise UserError(f'--metric={metric}: not among the metrics {sorted(row["metrics"])} of {flag}={value}')
+      key = row['name'] if by_name else row['method']
+      scores[key] = row['metrics'][metric]
+      if key not in columns:
+        columns.append(key)
+    variants.append({'value': value, 'workdir': str(workdir), 'scores': scores, 'rows': res['rows']})
+  return {'flag': flag, 'shares_teachers': shares_teachers, 'columns': columns, 'variants': variants}

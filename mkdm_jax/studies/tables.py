@@ -1,0 +1,85 @@
+"""The markdown reports of a study, a factor analysis and an ablation, from their report dicts."""
+from mkdm_jax.studies.summaries import ALPHA, POWER
+
+
+def provenance_line(p) -> str:
+  return f"{p['date']}, {p['cpu_model']} ({p['backend']}), commit {p['commit'][:12]}"
+
+
+def mean_std_cell(s) -> str:
+  return f"{s['mean']:.4f}" + ('' if s['std'] is None else f" ± {s['std']:.4f}")
+
+
+def study_markdown(report) -> str:
+  summary = report['summary']
+  names = list(summary[0]['metrics'])
+  lines = [f"# Study: {report['task']} ({report['split']}), seeds {', '.join(map(str, report['seeds']))}", '',
+           f"`{report['base_flagfile']}`" + (f" with `{' '.join(report['extra_flags'])}`" if report['extra_flags']
+                                            else '') + f". Report: {provenance_line(report['provenance'])}.", '',
+           'Runs: ' + '; '.join(f"{arch} seeds {', '.join(map(str, seeds))}"
+                                for arch in report['students']
+                                if (seeds := [r['seed'] for r in report['runs'] if r['student'] == arch]))
+           + '.' + (f" Not yet run: {', '.join(f'{a} seed {s}' for a, s in report['missing'])}." if report['missing']
+                    else ''), '',
+           *(['Teacher diversity (mkdm_jax.metrics.teacher_diversity): ' + '; '.join(
+               f"{split}: disagreement {d['disagreement']:.4f}, symmetric KL {d['symmetric_kl']:.4f}"
+               for split, d in report['teacher_diversity'].items()) + '.', ''] if report['teacher_diversity'] else []),
+           f"## Mean ± std over seeds ({report['split']}; teachers are fixed, seeds '-')", '',
+           '| model | method | student | seeds | ' + ' | '.join(names) + ' |', '|' + '---|' * (4 + len(names))]
+  for r in summary:
+    lines.append(f"| {r['name']} | {r['method']} | {r['student'] or '-'} | {r['seeds'] or '-'} | "
+                 + ' | '.join(mean_std_cell(r['metrics'][n]) for n in names) + ' |')
+  lines += ['', f"## Paired tests: `{report['metric']}` per question, averaged over seeds", '',
+            f"A - B over the questions, with its 95% bootstrap interval (questions resampled), the two-sided "
+            f"sign-flip p-value, Holm-corrected over each student's pairs, and the minimal detectable difference "
+            f"(power {POWER} at level {ALPHA}).", '',
+            '| student | A - B | seeds | questions | mean diff | 95% CI | p | Holm p | MDE |', '|' + '---|' * 9]
+  for t in report['tests']:
+    lines.append(f"| {t['student']} | {t['a']} - {t['b']} | {t['seeds']} | {t['questions']} | "
+                 f"{t['mean_difference']:+.4f} | [{t['ci_low']:+.4f}, {t['ci_high']:+.4f}] | {t['p_value']:.4f} | "
+                 f"{t['p_holm']:.4f} | {t['mde']:.4f} |")
+  if report['skipped_pairs']:
+    lines += ['', 'Skipped: ' + '; '.join(report['skipped_pairs']) + '.']
+  lines += ['', 'Run provenance: ' + '; '.join(f"{r['student']} seed {r['seed']}: {provenance_line(r['provenance'])}"
+                                             for r in report['runs']) + '.']
+  return '\n'.join(lines) + '\n'
+
+
+def interval(t) -> str:
+  return f"{t['mean_difference']:+.4f} [{t['ci_low']:+.4f}, {t['ci_high']:+.4f}]"
+
+
+def factors_markdown(report) -> str:
+  lines = [f"# Factors: {report['student']}, seeds {', '.join(report['seeds'])}, `{report['metric']}` per question",
+           '', f"`{report['base_flagfile']}`; reference variant `{report['variants'][0]['name']}`. "
+           f"{report['provenance']['date']}, {report['provenance']['cpu_model']}, commit "
+           f"{report['provenance']['commit'][:12]}.", '',
+           'A - B: mean over questions of the seed-averaged difference, 95% bootstrap interval. Change: the '
+           'variant\'s A - B minus the reference\'s, per question, with its interval and sign-flip p-value '
+           '(not corrected for the number of variants).', '',
+           '| variant | flags | seeds | teacher disagreement (dev) | A | B | mean A | mean B | A - B [95% CI] | '
+           'change vs reference [95% CI] | p |', '|' + '---|' * 11]
+  for v in report['variants']:
+    for t in v['pairs']:
+      change = t.get('change')
+      lines.append(f"| {v['name']} | `{' '.join(v['flags']) or '-'}` | {v['seeds']} | "
+                   f"{v['teacher_disagreement']:.4f} | {t['a']} | {t['b']} | {t['mean_a']:.4f} | {t['mean_b']:.4f} | "
+                   f"{interval(t)} | " + (f"{interval(change)} | {change['p_value']:.4f} |" if change else '- | - |'))
+  if report['not_run']:
+    lines += ['', 'Not run yet (no records): ' + ', '.join(f'`{name}`' for name in report['not_run']) + '.']
+  return '\n'.join(lines) + '\n'
+
+
+def ablation_markdown(report) -> str:
+  lines = [f"# Ablation: `{report['metric']}` on {report['task']} ({report['split']})", '',
+           f"Base: `{report['base_flagfile']}`" + (f" with `{' '.join(report['extra_flags'])}`"
+                                                   if report['extra_flags'] else '') + '.']
+  for sweep in report['sweeps']:
+    columns = sweep['columns']
+    shared = 'shared by all variants' if sweep['shares_teachers'] else 'trained per variant'
+    lines += ['', f"## {sweep['flag']} (teachers {shared})", '',
+              f"| {sweep['flag']} | " + ' | '.join(columns) + ' |', '|' + '---|' * (len(columns) + 1)]
+    for v in sweep['variants']:
+      cells = [f"{v['scores'][c]:.4f}" if c in v['scores'] else '-' for c in columns]
+      lines.append(f"| {v['value']} | " + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
