@@ -93,6 +93,7 @@ def expected_metrics(minilm_dir, model, params, names, with_groups):
 
 # evaluate.py
 
+@pytest.mark.slow
 @pytest.mark.parametrize('with_groups', [True, False])
 def test_evaluate_tsv_file(bert_model, minilm_dir, tmp_path, with_groups):
   directory, model, params = bert_model
@@ -117,6 +118,7 @@ def test_evaluate_tsv_file(bert_model, minilm_dir, tmp_path, with_groups):
     (['--task=tfds:glue/mnli'], 'task tfds:glue/mnli has 3 classes but the model'),
     (['--model={tmp}'], 'is not a saved model folder'),
 ])
+@pytest.mark.slow
 def test_evaluate_bad_input_is_one_error_line(bert_model, tmp_path, args, message):
   tsv = pairs_tsv(tmp_path / 'pairs.tsv', False)
   bad = tmp_path / 'bad.tsv'
@@ -127,6 +129,7 @@ def test_evaluate_bad_input_is_one_error_line(bert_model, tmp_path, args, messag
 
 # export.py
 
+@pytest.mark.slow
 def test_export_loads_in_transformers_with_the_same_logits(bert_model, minilm_dir, tmp_path):
   import torch
   import transformers
@@ -146,6 +149,7 @@ def test_export_loads_in_transformers_with_the_same_logits(bert_model, minilm_di
   np.testing.assert_allclose(hf_logits, np.asarray(ours['logits']), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_export_refuses_bilstm_and_non_empty_out(bert_model, minilm_dir, tmp_path):
   bilstm = tmp_path / 'bilstm'
   model = models.Classifier(models.BiLSTMConfig(embed_dim=16, hidden_size=8), num_classes=2)
@@ -209,6 +213,7 @@ def test_ablation_trains_each_teacher_once(ablation):
   assert json.loads(history.read_text())['shared_dir'] == str(ablation / 'shared')
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_the_pipeline_metrics(ablation):
   """evaluate.py on a pipeline student and the pipeline's eval split gives the pipeline's own numbers."""
   workdir = ablation / 'num_teachers=2'
@@ -247,6 +252,7 @@ def test_ablate_bad_input_is_one_error_line(tmp_path, args, message):
   assert_user_error(proc, message)
 
 
+@pytest.mark.slow
 def test_export_onnx_runs_in_onnxruntime_with_the_same_logits(bert_model, tmp_path):
   """--onnx: model.onnx gives the JAX model's combined logits in ONNX Runtime at two batch shapes (dynamic
   axes); --onnx_int8 adds a quantised file that runs (finite logits of the same shape)."""

@@ -151,6 +151,7 @@ def test_malformed_rows_name_file_and_line_or_are_counted(tmp_path):
     corpus.CorpusRows(tmp_path / 'lenient', models.load_tokenizer(models.resolve_checkpoint('minilm-l6')), 32)
 
 
+@pytest.mark.slow
 def test_prepare_command(tmp_path, minilm_dir):
   """experiments/prepare.py: a glob of sources, an encoding per named tokenizer, and one-line errors."""
   for i in range(2):

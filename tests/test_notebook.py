@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / 'notebooks' / 'mkdm_quickstart.ipynb'
@@ -27,6 +28,7 @@ def parameters_cell(nb):
   return tagged[0]
 
 
+@pytest.mark.slow
 def test_notebook_runs_with_tiny_settings(tmp_path, monkeypatch, ci_tiny_run, xla_cache):
   """The notebook's cells all run, over a copy of the session's finished ci_tiny work directory.
 

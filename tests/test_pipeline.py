@@ -13,6 +13,8 @@ from conftest import REPO, run_pipeline
 from mkdm_jax import data as data_lib
 from mkdm_jax import metrics, teachers
 
+pytestmark = pytest.mark.slow  # subprocess runs of the pipeline (python -m pytest -m "not slow" skips them)
+
 METHODS = {'student_scratch', 'kd_single', 'kd_ensemble', 'mkdm', 'tmkd'}
 WIKIQA_METRICS = {'accuracy', 'f1', 'auc', 'map', 'mrr', 'accuracy_at_threshold', 'f1_at_threshold'}
 

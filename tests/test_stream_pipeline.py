@@ -16,6 +16,8 @@ from conftest import CI_TINY, run_pipeline
 from mkdm_jax import data, train
 from mkdm_jax.data import corpus
 
+pytestmark = pytest.mark.slow  # subprocess runs of the pipeline (python -m pytest -m "not slow" skips them)
+
 REPO = Path(__file__).resolve().parents[1]
 WIKIQA_TRAIN = REPO.parent / 'shared' / 'data' / 'wikiqa' / 'WikiQA-train.tsv'
 STAGE1 = ['--methods=tmkd', '--students=bert1', '--unlabelled_extra=0']

@@ -84,6 +84,7 @@ def test_config_from_strings_converts_types():
   assert cfg.teacher_weights == (3.0, 1.0)
 
 
+@pytest.mark.slow
 def test_every_flagfile_gives_the_same_config_without_absl():
   """config.config_from_flagfile (notebooks, scripts) reads each flagfile as run.py's absl flags do."""
   import json
