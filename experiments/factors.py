@@ -38,6 +38,8 @@ flags.DEFINE_list('seeds', ['0', '1'], 'Student seeds of every variant.')
 flags.DEFINE_list('pair', ['mkdm:kd_single'], 'Method pairs A:B whose difference the variants may move.')
 flags.DEFINE_multi_string('variant', [], 'NAME:FLAGS, run.py flags separated by spaces; the first is the reference.')
 flags.DEFINE_string('metric', 'map', 'Per-question score: map (average precision) or mrr (reciprocal rank).')
+flags.DEFINE_bool('seeds_random', True, 'Tests resample seeds and questions (two-level bootstrap); '
+                  '--noseeds_random: questions only, seeds fixed (the reports made before 2026-12-06).')
 flags.DEFINE_bool('report_only', False, 'Train nothing: report the records found (variants without any '
                   'are listed as not run).')
 
@@ -74,7 +76,7 @@ def main(argv):
   factor_variants = variants.factor_variants(
       FLAGS.base_flagfile, extra, parse_variants(FLAGS.variant), student=FLAGS.student,
       seeds=variants.parse_seeds(FLAGS.seeds), root=root, records=records_dir,
-      pairs=variants.parse_pairs(FLAGS.pair, 'pair'), metric=FLAGS.metric)
+      pairs=variants.parse_pairs(FLAGS.pair, 'pair'), metric=FLAGS.metric, seeds_random=FLAGS.seeds_random)
   report = sweeps.run_factors(factor_variants, flagfile=FLAGS.base_flagfile, flags=extra, root=root,
                               report_only=FLAGS.report_only)
   print(tables.factors_markdown(report))

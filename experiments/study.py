@@ -17,10 +17,11 @@ nothing and reports the records found.
 
 Then, per student architecture and pair a:b of --pairs (a pair with a method outside --methods is skipped
 with a note), each question's --metric score on the eval split (average precision for map, reciprocal rank
-for mrr) is averaged over seeds, and questions are resampled (seeds x questions are not independent):
-the mean difference a - b with its 95% bootstrap interval, the sign-flip p-value (mkdm_jax.stats),
-Holm-corrected over the architecture's pairs, and the smallest difference the study could detect (power
-0.8 at level 0.05).
+for mrr) per seed: seeds and questions are both resampled (two-level bootstrap, mkdm_jax.stats; seed s of a is
+paired with seed s of b): the mean difference a - b with its 95% interval and p-value, Holm-corrected over the
+architecture's pairs, and the smallest difference the study could detect (power 0.8 at level 0.05 / pairs, with
+the bootstrap's standard error). --noseeds_random averages each question over the seeds and resamples questions
+only, with the sign-flip p-value: the seeds are then fixed, as in the reports made before 2026-12-06.
 
 Writes <dir>/study.json (config and provenance; every record's metrics; per row the mean and sample std
 (ddof=1) over seeds of every metric, teachers once as they are fixed; the tests), <dir>/study.md (the tables)
@@ -45,6 +46,9 @@ flags.DEFINE_string('metric', 'map', f'Per-question score of the paired tests an
 flags.DEFINE_list('pairs', DEFAULT_PAIRS, 'Method pairs A:B tested as A - B within each student architecture.')
 flags.DEFINE_string('records', None, 'Folder of the finished runs\' records (default <workdir>/records).')
 flags.DEFINE_bool('report_only', False, 'Train nothing: report the records found for --seeds and --students.')
+flags.DEFINE_bool('seeds_random', True, 'Paired tests resample seeds and questions (two-level bootstrap: seed-to-seed '
+                  'variance in the intervals); --noseeds_random averages each question over the seeds and resamples '
+                  'questions only (the reports made before 2026-12-06).')
 
 flags.mark_flags_as_required(['base_flagfile', 'workdir'])
 
@@ -52,7 +56,7 @@ flags.mark_flags_as_required(['base_flagfile', 'workdir'])
 def main(argv):
   study = variants.study(FLAGS.base_flagfile, argv[1:], seeds=variants.parse_seeds(FLAGS.seeds),
                          root=FLAGS.workdir, records=FLAGS.records or f'{FLAGS.workdir}/records',
-                         pairs=variants.parse_pairs(FLAGS.pairs), metric=FLAGS.metric)
+                         pairs=variants.parse_pairs(FLAGS.pairs), metric=FLAGS.metric, seeds_random=FLAGS.seeds_random)
   report, _ = sweeps.run_study(study, FLAGS.report_only)
   print(tables.study_markdown(report))
 

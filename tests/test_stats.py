@@ -3,6 +3,7 @@ import itertools
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from mkdm_jax import stats
 
@@ -78,3 +79,29 @@ def test_bad_shapes_are_refused():
     stats.paired_bootstrap([0.1], [0.2])
   with pytest.raises(ValueError):
     stats.minimal_detectable_difference([0.1])
+
+
+def test_two_level_bootstrap_holds_seed_variance():
+  """Seeds that disagree widen the interval far beyond what resampling questions alone gives."""
+  rng = np.random.default_rng(0)
+  questions = rng.normal(0, 0.01, size=200)
+  steady = np.stack([questions + 0.02] * 3)  # every seed +0.02 on every question
+  shaky = np.stack([questions + 0.06, questions - 0.02, questions + 0.02])  # the same mean, seeds disagree
+  zeros = np.zeros_like(steady)
+  a, b = stats.two_level_bootstrap(steady, zeros), stats.two_level_bootstrap(shaky, zeros)
+  assert a['mean_difference'] == pytest.approx(b['mean_difference'])
+  assert a['ci_low'] > 0 and a['p_value'] < 0.001
+  assert b['ci_high'] - b['ci_low'] > 5 * (a['ci_high'] - a['ci_low'])
+  assert b['se'] > 5 * a['se']
+  # One resample's weights by hand: the grid mean of d at drawn seeds and questions.
+  d = np.arange(6.0).reshape(2, 3)
+  out = stats.two_level_bootstrap(d, np.zeros_like(d), num_resamples=1000)
+  assert d.min() <= out['ci_low'] <= out['mean_difference'] == 2.5 <= out['ci_high'] <= d.max()
+  with pytest.raises(ValueError):
+    stats.two_level_bootstrap(np.zeros(3), np.zeros(3))
+
+
+def test_detectable_difference_by_hand():
+  z = scipy.stats.norm.ppf(0.975) + scipy.stats.norm.ppf(0.8)
+  assert stats.detectable_difference(0.01) == pytest.approx(z * 0.01)
+  assert stats.detectable_difference(0.01, alpha=0.05 / 7) > stats.detectable_difference(0.01)

@@ -9,7 +9,7 @@ import types
 import numpy as np
 import pytest
 
-from mkdm_jax import config
+from mkdm_jax import config, stats
 from mkdm_jax.errors import UserError
 from mkdm_jax.studies import records, runner, summaries, sweeps, tables, variants
 
@@ -215,7 +215,8 @@ def test_summary_has_teachers_once_then_each_student_row_over_seeds(tmp_path):
 
 def test_paired_tests_by_hand(tmp_path):
   found = [a_record(run) for run in variants.study_runs(a_study(tmp_path))]
-  tests = summaries.paired_tests([('mkdm', 'kd_single'), ('mkdm', 'student_scratch')], ['bert1'], found, 'map')
+  tests = summaries.paired_tests([('mkdm', 'kd_single'), ('mkdm', 'student_scratch')], ['bert1'], found, 'map',
+                                 seeds_random=False)
   first, second = tests
   assert (first['a'], first['b'], first['seeds'], first['questions']) == ('mkdm', 'kd_single', 2, 3)
   # Differences [0.25, 0.5, 0.75]: mean 0.5. The 8 sign flips have sums +-1.5, +-1, +-0.5, 0, 0: two reach
@@ -227,6 +228,11 @@ def test_paired_tests_by_hand(tmp_path):
   # MDE: (z_0.975 + z_0.8) * sd / sqrt(n) = 2.8016 * 0.25 / sqrt(3).
   assert first['mde'] == pytest.approx(2.8016 * 0.25 / np.sqrt(3), abs=1e-4)
   assert 0.25 <= first['ci_low'] <= 0.5 <= first['ci_high'] <= 0.75  # resampled means lie within the data
+  # Seeds random (the default): the same means, a two-level interval, the MDE at alpha / 2 pairs with its se.
+  random_first, _ = summaries.paired_tests([('mkdm', 'kd_single'), ('mkdm', 'student_scratch')], ['bert1'], found,
+                                           'map')
+  assert random_first['mean_difference'] == 0.5 and random_first['ci_low'] <= 0.5 <= random_first['ci_high']
+  assert random_first['mde'] == pytest.approx(stats.detectable_difference(random_first['se'], 0.025))
 
 
 def test_factor_tests_and_the_change_against_the_reference(tmp_path):
@@ -234,14 +240,16 @@ def test_factor_tests_and_the_change_against_the_reference(tmp_path):
   study = {'students': ['bert1'], 'metric': 'map', 'methods': list(METHODS),
            'summary': summaries.summarise(found, ['bert1'])}
   pairs = [('mkdm', 'kd_single'), ('tmkd', 'kd_single')]
-  tests, differences = summaries.factor_tests(study, found, pairs)
+  tests, differences = summaries.factor_tests(study, found, pairs, seeds_random=False)
   (test,) = tests  # tmkd did not run
   assert (test['a'], test['b'], test['mean_difference'], 'change' in test) == ('mkdm', 'kd_single', 0.5, False)
   assert test['mean_a'] == pytest.approx(2.5 / 3) and test['mean_b'] == pytest.approx(1 / 3)
-  np.testing.assert_array_equal(differences['mkdm', 'kd_single'], [0.25, 0.5, 0.75])
-  (moved,), _ = summaries.factor_tests(study, found, pairs, {('mkdm', 'kd_single'): np.array([0.0, 0.25, 0.25])})
-  # Per question (A - B) - (A - B)_reference = [0.25, 0.25, 0.5].
-  assert moved['change']['mean_difference'] == pytest.approx(1 / 3)
+  np.testing.assert_array_equal(differences['mkdm', 'kd_single'].mean(0), [0.25, 0.5, 0.75])  # [seeds, questions]
+  reference = {('mkdm', 'kd_single'): np.array([[0.0, 0.25, 0.25]] * 2)}
+  for seeds_random in (False, True):
+    (moved,), _ = summaries.factor_tests(study, found, pairs, reference, seeds_random=seeds_random)
+    # Per question (A - B) - (A - B)_reference = [0.25, 0.25, 0.5].
+    assert moved['change']['mean_difference'] == pytest.approx(1 / 3)
 
 
 def test_sweep_scores_by_method_or_by_row_name():

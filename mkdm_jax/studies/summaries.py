@@ -1,7 +1,9 @@
-"""What a sweep measured: means and std over seeds, paired tests over questions (mkdm_jax.stats), sweep scores.
+"""What a sweep measured: means and std over seeds, paired tests (mkdm_jax.stats), sweep scores.
 
-Paired tests take each question's score averaged over the seeds, then resample questions: the seeds are
-treated as fixed (the interval leaves out seed-to-seed variance).
+Paired tests with `seeds_random` (the default) resample seeds and questions (`stats.two_level_bootstrap`): the
+interval holds seed-to-seed variance, and the minimal detectable difference is at the Holm-adjusted level of the
+first step (alpha / number of pairs) with that standard error. Without it, each question's score is averaged over
+the seeds and questions alone are resampled (the seeds treated as fixed: the reports made before 2026-12-06).
 """
 import numpy as np
 
@@ -48,13 +50,23 @@ def summarise(records, students) -> list[dict]:
   return summary
 
 
-def question_means(records, name, metric) -> np.ndarray:
-  """Row `name`'s per-question `metric` scores, each averaged over the records' seeds."""
-  return np.mean([r['question_scores'][metric][name] for r in records], axis=0)
+def question_scores(records, name, metric) -> np.ndarray:
+  """Row `name`'s per-question `metric` scores [seeds, questions], in the records' order."""
+  return np.array([r['question_scores'][metric][name] for r in records], float)
 
 
-def paired_tests(pairs, students, records, metric) -> list[dict]:
-  """Per student architecture, each pair (a, b)'s test of a - b on the seed-averaged question scores, the smallest
+def pair_test(x, y, seeds_random, alpha=ALPHA):
+  """a - b of per-seed, per-question scores x, y [seeds, questions]: its test and minimal detectable difference
+  at level `alpha`."""
+  if seeds_random:
+    test = stats.two_level_bootstrap(x, y)
+    return {**test, 'mde': stats.detectable_difference(test['se'], alpha, POWER)}
+  x, y = x.mean(axis=0), y.mean(axis=0)
+  return {**stats.paired_bootstrap(x, y), 'mde': stats.minimal_detectable_difference(x - y, alpha, POWER)}
+
+
+def paired_tests(pairs, students, records, metric, seeds_random=True) -> list[dict]:
+  """Per student architecture, each pair (a, b)'s test of a - b over seeds and questions (`pair_test`), the smallest
   difference it could detect, and Holm-corrected p-values within the architecture."""
   tests = []
   for arch in students:
@@ -62,32 +74,36 @@ def paired_tests(pairs, students, records, metric) -> list[dict]:
     if not runs:
       continue
     rows = []
+    # With seeds random, the detectable difference is at the first Holm step's level; before, at ALPHA.
+    alpha = ALPHA / len(pairs) if seeds_random and pairs else ALPHA
     for a, b in pairs:
-      x, y = question_means(runs, f'{arch}_{a}', metric), question_means(runs, f'{arch}_{b}', metric)
-      rows.append({'student': arch, 'a': a, 'b': b, 'seeds': len(runs), 'questions': len(x),
-                   **stats.paired_bootstrap(x, y), 'mde': stats.minimal_detectable_difference(x - y, ALPHA, POWER)})
+      x, y = question_scores(runs, f'{arch}_{a}', metric), question_scores(runs, f'{arch}_{b}', metric)
+      rows.append({'student': arch, 'a': a, 'b': b, 'seeds': len(runs), 'questions': x.shape[1],
+                   **pair_test(x, y, seeds_random, alpha)})
     for row, p in zip(rows, stats.holm([r['p_value'] for r in rows])):
       row['p_holm'] = float(p)
     tests += rows
   return tests
 
 
-def factor_tests(study, records, pairs, reference=None):
+def factor_tests(study, records, pairs, reference=None, seeds_random=True):
   """A factor variant's tests from its study report: per pair (a, b) whose methods it ran, both methods' means and
-  a - b over the questions (seed-averaged), and against `reference` ({pair: the reference variant's a - b per
-  question}) the change of a - b. Returns (tests, {pair: this variant's a - b per question})."""
+  a - b (`pair_test`), and against `reference` ({pair: the reference variant's a - b per seed and question, seeds
+  in the same order}) the change of a - b. Returns (tests, {pair: this variant's a - b per seed and question})."""
   (student,), metric = study['students'], study['metric']
   means = {r['name']: r['metrics'][metric]['mean'] for r in study['summary']}
   tests, differences = [], {}
   for a, b in pairs:
     if not {a, b} <= set(study['methods']):
       continue
-    x, y = question_means(records, f'{student}_{a}', metric), question_means(records, f'{student}_{b}', metric)
-    differences[a, b] = x - y
+    x, y = question_scores(records, f'{student}_{a}', metric), question_scores(records, f'{student}_{b}', metric)
+    # Seeds fixed: the seed-averaged difference, as one row (the reports before 2026-12-06 computed it so).
+    differences[a, b] = x - y if seeds_random else (x.mean(0) - y.mean(0))[None]
     test = {'a': a, 'b': b, 'mean_a': means[f'{student}_{a}'], 'mean_b': means[f'{student}_{b}'],
-            **stats.paired_bootstrap(x, y)}
+            **{k: v for k, v in pair_test(x, y, seeds_random).items() if k != 'mde'}}
     if reference is not None and (a, b) in reference:
-      test['change'] = stats.paired_bootstrap(differences[a, b], reference[a, b])
+      change = pair_test(differences[a, b], reference[a, b], seeds_random)
+      test['change'] = {k: v for k, v in change.items() if k != 'mde'}
     tests.append(test)
   return tests, differences
 

@@ -69,7 +69,9 @@ def study_report(study: variants.Study, found, missing):
             'runs': [{k: r[k] for k in ('student', 'seed', 'provenance', 'rows')} for r in found],
             'missing': missing, 'teacher_diversity': found[0]['teacher_diversity'],
             'summary': summaries.summarise(found, cfg.students),
-            'tests': summaries.paired_tests(tested, cfg.students, found, study.metric), 'skipped_pairs': skipped}
+            'seeds_random': study.seeds_random,
+            'tests': summaries.paired_tests(tested, cfg.students, found, study.metric, study.seeds_random),
+            'skipped_pairs': skipped}
   with WorkdirLock(study.root):
     (study.root / 'study.json').write_text(json.dumps(report, indent=1))
     (study.root / 'study.md').write_text(tables.study_markdown(report))
@@ -105,7 +107,8 @@ def run_factors(factor_variants, *, flagfile, flags, root, report_only=False):
   reference, entries = None, []
   for variant, found, missing in ran:
     report = study_report(variant.study, found, missing)
-    tests, differences = summaries.factor_tests(report, found, variant.study.pairs, reference)
+    tests, differences = summaries.factor_tests(report, found, variant.study.pairs, reference,
+                                                variant.study.seeds_random)
     if reference is None:
       reference = differences
     dev = found[0]['teacher_diversity']['dev']
@@ -113,7 +116,8 @@ def run_factors(factor_variants, *, flagfile, flags, root, report_only=False):
                     'teacher_disagreement': dev['disagreement'], 'teacher_symmetric_kl': dev['symmetric_kl'],
                     'pairs': tests})
   report = {'base_flagfile': flagfile, 'extra_flags': list(flags), 'student': student,
-            'seeds': [str(s) for s in first.seeds], 'metric': first.metric, 'provenance': provenance.record(),
+            'seeds': [str(s) for s in first.seeds], 'metric': first.metric, 'seeds_random': first.seeds_random,
+            'provenance': provenance.record(),
             'variants': entries, 'not_run': not_run}
   (root / 'factors.json').write_text(json.dumps(report, indent=1))
   (root / 'factors.md').write_text(tables.factors_markdown(report))

@@ -29,11 +29,18 @@ def study_markdown(report) -> str:
   for r in summary:
     lines.append(f"| {r['name']} | {r['method']} | {r['student'] or '-'} | {r['seeds'] or '-'} | "
                  + ' | '.join(mean_std_cell(r['metrics'][n]) for n in names) + ' |')
-  lines += ['', f"## Paired tests: `{report['metric']}` per question, averaged over seeds", '',
-            f"A - B over the questions, with its 95% bootstrap interval (questions resampled), the two-sided "
-            f"sign-flip p-value, Holm-corrected over each student's pairs, and the minimal detectable difference "
-            f"(power {POWER} at level {ALPHA}).", '',
-            '| student | A - B | seeds | questions | mean diff | 95% CI | p | Holm p | MDE |', '|' + '---|' * 9]
+  if report.get('seeds_random'):
+    lines += ['', f"## Paired tests: `{report['metric']}` per seed and question, seeds and questions random", '',
+              "A - B over seeds and questions, with its 95% two-level bootstrap interval (seeds and questions both "
+              "resampled: seed-to-seed variance included), the two-sided p-value read off the same resamples, "
+              "Holm-corrected over each student's pairs, and the minimal detectable difference (power "
+              f"{POWER} at the first Holm step's level, {ALPHA} / pairs, with the bootstrap standard error).", '']
+  else:
+    lines += ['', f"## Paired tests: `{report['metric']}` per question, averaged over seeds", '',
+              f"A - B over the questions, with its 95% bootstrap interval (questions resampled), the two-sided "
+              f"sign-flip p-value, Holm-corrected over each student's pairs, and the minimal detectable difference "
+              f"(power {POWER} at level {ALPHA}).", '']
+  lines += ['| student | A - B | seeds | questions | mean diff | 95% CI | p | Holm p | MDE |', '|' + '---|' * 9]
   for t in report['tests']:
     lines.append(f"| {t['student']} | {t['a']} - {t['b']} | {t['seeds']} | {t['questions']} | "
                  f"{t['mean_difference']:+.4f} | [{t['ci_low']:+.4f}, {t['ci_high']:+.4f}] | {t['p_value']:.4f} | "
@@ -54,9 +61,12 @@ def factors_markdown(report) -> str:
            '', f"`{report['base_flagfile']}`; reference variant `{report['variants'][0]['name']}`. "
            f"{report['provenance']['date']}, {report['provenance']['cpu_model']}, commit "
            f"{report['provenance']['commit'][:12]}.", '',
-           'A - B: mean over questions of the seed-averaged difference, 95% bootstrap interval. Change: the '
-           'variant\'s A - B minus the reference\'s, per question, with its interval and sign-flip p-value '
-           '(not corrected for the number of variants).', '',
+           ('A - B: mean over seeds and questions, 95% two-level bootstrap interval (seeds and questions resampled). '
+            'Change: the variant\'s A - B minus the reference\'s, per seed and question, with its interval and '
+            'bootstrap p-value (not corrected for the number of variants).' if report.get('seeds_random') else
+            'A - B: mean over questions of the seed-averaged difference, 95% bootstrap interval. Change: the '
+            'variant\'s A - B minus the reference\'s, per question, with its interval and sign-flip p-value '
+            '(not corrected for the number of variants).'), '',
            '| variant | flags | seeds | teacher disagreement (dev) | A | B | mean A | mean B | A - B [95% CI] | '
            'change vs reference [95% CI] | p |', '|' + '---|' * 11]
   for v in report['variants']:

@@ -71,9 +71,10 @@ class Study:
   metric: str
   flagfile: str
   flags: tuple[str, ...]
+  seeds_random: bool = True  # paired tests resample seeds as well as questions (mkdm_jax.studies.summaries)
 
 
-def study(flagfile, flags, *, seeds, root, records, pairs, metric, tool='study.py') -> Study:
+def study(flagfile, flags, *, seeds, root, records, pairs, metric, tool='study.py', seeds_random=True) -> Study:
   """The study of run.py flagfile `flagfile` with `flags` over it (the flags given after `--`)."""
   if metric not in records_lib.METRICS:
     raise UserError(f'--metric={metric}: choose from {records_lib.METRICS}')
@@ -81,7 +82,7 @@ def study(flagfile, flags, *, seeds, root, records, pairs, metric, tool='study.p
   if not cfg.students:
     raise UserError('--students is empty: the study compares student methods; give at least one architecture')
   return Study(cfg, tuple(seeds), pathlib.Path(root).absolute(), pathlib.Path(records).absolute(), tuple(pairs),
-               metric, str(pathlib.Path(flagfile).absolute()), tuple(flags))
+               metric, str(pathlib.Path(flagfile).absolute()), tuple(flags), seeds_random)
 
 
 def study_runs(s: Study) -> list[config.Config]:
@@ -98,13 +99,13 @@ class FactorVariant:
   study: Study
 
 
-def factor_variants(flagfile, flags, variants, *, student, seeds, root, records, pairs, metric):
+def factor_variants(flagfile, flags, variants, *, student, seeds, root, records, pairs, metric, seeds_random=True):
   """One Study per (name, run.py flags) of `variants`, of `student` only, in <root>/<name> with its records in
   records(index, name): the base flags, then --students, then the variant's flags."""
   return [FactorVariant(name, tuple(variant_flags),
                         study(flagfile, [*flags, f'--students={student}', *variant_flags], seeds=seeds,
                               root=pathlib.Path(root) / name, records=records(i, name), pairs=pairs, metric=metric,
-                              tool='factors.py'))
+                              tool='factors.py', seeds_random=seeds_random))
           for i, (name, variant_flags) in enumerate(variants)]
 
 
