@@ -3,7 +3,7 @@
   python benchmarks/gpu_step.py --out=runs/bench/gpu_step.json
 
 Random weights (no download). The model, optimiser, train step and sharding are the pipeline's own
-(models.factory, train.optim, train.step, train.sharding, built as train.loop.fit builds them). Prints and
+(models.factory, and train.compile_train_step: the recipe train.loop.fit builds its step with). Prints and
 writes JSON: device kind, versions, examples/s, median step time, model FLOPs per step, achieved TFLOP/s
 and MFU against the device's peak (null on CPU and on devices without a peak below). Run on a GPU by
 benchmarks/device_check.sh; --layers/--hidden/--heads/--intermediate shrink the model for a CPU smoke test.
@@ -22,8 +22,7 @@ from absl import flags
 
 from mkdm_jax import losses, provenance
 from mkdm_jax.models import factory
-from mkdm_jax.train import optim, sharding
-from mkdm_jax.train import step as step_lib
+from mkdm_jax.train import compile_train_step, sharding
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('batch_size', 32, 'Examples per step (split over all devices).')
@@ -80,17 +79,13 @@ def random_batch(batch_size, length, vocab_size, seed=0):
 
 
 def build_step(options):
-  """(jitted donating train step, initial sharded state, mesh, encoder config): as train.loop.fit builds them."""
+  """(jitted donating train step, initial sharded state, mesh, encoder config): train.compile_train_step, the
+  recipe train.fit uses."""
   model, params = factory.teacher('random', NUM_CLASSES, 0, options)
-  optimizer, schedule = optim.make_optimizer(params, learning_rate=5e-5, total_steps=1000, warmup_steps=100)
   mesh = sharding.make_mesh()
-  make_state = lambda rng, p: step_lib.init_state(model, optimizer, rng, params=p)
-  rng = jax.random.PRNGKey(0)
-  state_shardings = sharding.state_shardings(mesh, jax.eval_shape(make_state, rng, params))
-  train_step = jax.jit(step_lib.make_train_step(model, optimizer, schedule, losses.LossConfig()),
-                       donate_argnums=(0,), out_shardings=(state_shardings, sharding.replicated(mesh)))
-  state = jax.jit(make_state, out_shardings=state_shardings)(rng, params)
-  return train_step, state, mesh, model.encoder
+  compiled = compile_train_step(model, params, losses.LossConfig(), mesh=mesh, rng=jax.random.PRNGKey(0),
+                                learning_rate=5e-5, total_steps=1000, warmup_steps=100)
+  return compiled.step, compiled.init(), mesh, model.encoder
 
 
 def measure():

@@ -26,8 +26,7 @@ from mkdm_jax import data as data_lib
 from mkdm_jax import losses, models, provenance
 from mkdm_jax.allocator import keep_freed_memory
 from mkdm_jax.models import factory
-from mkdm_jax.train import optim
-from mkdm_jax.train import step as step_lib
+from mkdm_jax.train import compile_train_step, sharding
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('out', None, 'Output folder (ops.json, ops.md, trace/).')
@@ -49,7 +48,7 @@ def train_step(quick):
   if quick:
     options = factory.ModelOptions(random_shape=(2, 32, 2, 64))
     model = models.Classifier(factory.random_config(options), NUM_CLASSES)
-    params, checkpoint, batch_size, length = factory.init_params(model, 0), 'minilm-l6', 4, 16
+    params, checkpoint, batch_size, length = factory.host_init_params(model, 0), 'minilm-l6', 4, 16
   else:
     checkpoint, batch_size, length = FLAGS.checkpoint, FLAGS.batch, FLAGS.length
     model, params = factory.teacher(checkpoint, NUM_CLASSES, 0, factory.ModelOptions(max_length=length))
@@ -59,11 +58,10 @@ def train_step(quick):
                                buckets=(length,)))
   logits = np.random.default_rng(0).normal(size=(batch_size, NUM_TEACHERS, NUM_CLASSES)).astype(np.float32)
   batch = {k: jax.numpy.asarray(v) for k, v in {**rows, 'teacher_logits': logits}.items() if k in STEP_KEYS}
-  optimizer, schedule = optim.make_optimizer(None, learning_rate=5e-5, total_steps=1000, warmup_steps=100)
   loss = losses.LossConfig(teacher_mode='ensemble', alpha=0.5, temperature=2.0)
-  step = jax.jit(step_lib.make_train_step(model, optimizer, schedule, loss), donate_argnums=(0,))
-  state = jax.jit(lambda p: step_lib.init_state(model, optimizer, jax.random.key(1), params=p))(params)
-  return step, state, batch
+  compiled = compile_train_step(model, params, loss, mesh=sharding.make_mesh(), rng=jax.random.key(1),
+                                learning_rate=5e-5, total_steps=1000, warmup_steps=100)
+  return compiled.step, compiled.init(), batch
 
 
 def op_shapes(hlo_text):

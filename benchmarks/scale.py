@@ -55,9 +55,8 @@ def tiny_model():
 
 def tiny_params(model, seed):
   import jax
-  import numpy as np
-  dummy = np.zeros((1, LENGTH), np.int32)
-  return model.init(jax.random.PRNGKey(seed), dummy, dummy, np.ones_like(dummy))['params']
+  from mkdm_jax.models import factory
+  return factory.init_params(model, jax.random.PRNGKey(seed))
 
 
 def tokenizer():

@@ -12,7 +12,6 @@ See BENCHMARKS.md for the results and what each number means.
 """
 import dataclasses
 import datetime
-import functools
 import json
 import os
 import pathlib
@@ -34,7 +33,7 @@ from mkdm_jax.allocator import keep_freed_memory
 from mkdm_jax.data import batching
 from mkdm_jax import losses, models, provenance
 from mkdm_jax.models import cpu_attention, factory
-from mkdm_jax.train import optim
+from mkdm_jax.train import compile_train_step, sharding
 from mkdm_jax.train import step as step_lib
 
 FLAGS = flags.FLAGS
@@ -79,6 +78,7 @@ flags.DEFINE_enum('malloc', 'keep', ['keep', 'default'],
 
 NUM_CLASSES = 2
 ALPHA, TEMPERATURE = 0.5, 2.0
+OPTIMIZER = dict(learning_rate=5e-5, total_steps=1000, warmup_steps=100)  # the timed train steps' AdamW schedule
 BUCKETS = (32, 64, 128)
 STEP_KEYS = ('input_ids', 'token_type_ids', 'attention_mask', 'labels', 'weight', 'teacher_logits')
 HEADLINE = ('jax_vs_torch_forward_ratio', 'jax_vs_torch_train_ratio', 'forward_mfu', 'train_mfu',
@@ -188,7 +188,7 @@ def build_mpnet(quick):
   if quick:
     options, checkpoint = factory.ModelOptions(random_shape=(4, 32, 2, 64)), 'random'
     model = models.Classifier(factory.random_config(options, 'mpnet'), NUM_CLASSES)
-    teacher = model, factory.init_params(model, 0)
+    teacher = model, factory.host_init_params(model, 0)
   else:
     options, checkpoint = factory.ModelOptions(), 'mpnet-base'
     teacher = factory.teacher(checkpoint, NUM_CLASSES, 0, options)
@@ -235,25 +235,14 @@ def kd_batch(batch, num_teachers, seed=0):
   return device_batch({**batch, 'teacher_logits': logits})
 
 
-@functools.lru_cache(maxsize=None)
-def jitted_step(model, loss_config, teacher_models=()):
-  """The pipeline's jitted, donating train step and its jitted state init, one per configuration.
-
-  Shared by every Stepper of the same configuration, so equal shapes compile once.
-  """
-  optimizer, schedule = optim.make_optimizer(None, learning_rate=5e-5, total_steps=1000, warmup_steps=100)
-  step = jax.jit(step_lib.make_train_step(model, optimizer, schedule, loss_config, teacher_models),
-                 donate_argnums=(0,))
-  init = jax.jit(lambda params: step_lib.init_state(model, optimizer, jax.random.key(1), params=params))
-  return step, init
-
-
 class Stepper:
-  """Runs a donating train step in place: `Stepper(...)(batch)` returns the step's measurements."""
+  """Runs the pipeline's compiled train step (`train.compile_train_step`, as `train.fit` builds it) in place:
+  `Stepper(...)(batch)` returns the step's measurements."""
 
   def __init__(self, model, params, loss_config, teacher_models=(), teacher_params=()):
-    self.step, init = jitted_step(model, loss_config, teacher_models)
-    self.state = init(params)
+    compiled = compile_train_step(model, params, loss_config, mesh=sharding.make_mesh(), rng=jax.random.key(1),
+                                  teacher_models=teacher_models, **OPTIMIZER)
+    self.step, self.state = compiled.step, compiled.init()
     self.teacher_params = teacher_params
 
   def __call__(self, batch):
@@ -493,7 +482,7 @@ def padded_tokens(encoded, batch_size, buckets):
   """(padded tokens, real tokens) over one epoch of the pipeline's training batches."""
   order = batching.batch_order(encoded.lengths, batch_size, seed=0, epoch=0, shuffle=True,
                                         drop_remainder=False)
-  sizes = batching.bucket_sizes(buckets, encoded.max_length)
+  sizes = batching.bucket_sizes(encoded.max_length, buckets)
   padded = sum(batch_size * sizes[np.searchsorted(sizes, encoded.lengths[rows].max())] for rows in order)
   return int(padded), int(encoded.lengths.sum())
 

@@ -81,8 +81,7 @@ def main(argv):
   examples = load_examples(task)
   encoded = data_lib.encode(models.load_tokenizer(spec['tokenizer_dir']), examples, spec['max_length'])
   model, params, _ = saved_model.load(FLAGS.model)
-  out = train.predict(model, params, encoded, mesh=train.make_mesh(), batch_size=FLAGS.batch_size,
-                      buckets=predictions.buckets_for(spec['max_length']))
+  out = train.predict(model, params, encoded, mesh=train.make_mesh(), batch_size=FLAGS.batch_size)
   report = {'model': str(pathlib.Path(FLAGS.model).absolute()), 'task': task.name, 'data': examples.source,
             'rows': len(examples), 'labelled_rows': int((examples.labels >= 0).sum()),
             'skipped_rows': examples.skipped, 'threshold': spec.get('threshold')}

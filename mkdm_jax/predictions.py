@@ -17,15 +17,9 @@ from tqdm import tqdm
 
 from mkdm_jax import data as data_lib
 from mkdm_jax import models, saved_model, train
+from mkdm_jax.data.batching import BUCKETS
 from mkdm_jax.data.readers import RowKeyer
 from mkdm_jax.errors import UserError
-
-BUCKETS = (32, 64, 128)  # padded batch lengths at inference; those above the model's max_length are dropped
-
-
-def buckets_for(max_length: int) -> tuple[int, ...]:
-  """Inference buckets of a model trained at `max_length`."""
-  return tuple(b for b in BUCKETS if b < max_length) + (max_length,)
 
 
 def header(num_heads: int) -> str:
@@ -65,7 +59,6 @@ def score_stream(stream, model_dir, output, *, mesh, batch_size=128, chunk_rows=
   """
   model, params, spec = saved_model.load(model_dir)
   tokenizer = models.load_tokenizer(spec['tokenizer_dir'])
-  buckets = buckets_for(spec['max_length'])
   output = Path(output)
   output.parent.mkdir(parents=True, exist_ok=True)
   partial = output.with_name(output.name + '.partial')
@@ -82,7 +75,7 @@ def score_stream(stream, model_dir, output, *, mesh, batch_size=128, chunk_rows=
         examples = data_lib.Examples(text_a, text_b, np.array(labels, np.int32), None, ids, str(stream.path),
                                      fingerprint=f'{stream.path}:{total}')
         encoded = data_lib.encode(tokenizer, examples, spec['max_length'])
-        out = train.predict(model, params, encoded, mesh=mesh, batch_size=batch_size, buckets=buckets)
+        out = train.predict(model, params, encoded, mesh=mesh, batch_size=batch_size)
         f.write('\n'.join(lines(groups, ids, labels, out)) + '\n')
         total += len(chunk)
         bar.update(len(chunk))

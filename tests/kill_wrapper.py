@@ -3,7 +3,7 @@
   python tests/kill_wrapper.py POINT COUNT experiments/run.py --flags...
 
 POINT is where the COUNT-th event sends the signal to this very process:
-  batch        SIGKILL while training/inference batches are produced (COUNT-th batch of the run)
+  batch        SIGKILL when training/inference takes its COUNT-th batch of the run
   logit_write  SIGKILL right after the COUNT-th teacher-logit store write
   ckpt_save    SIGKILL right after the COUNT-th checkpoint save was started (the asynchronous
                write is in flight: a kill during a checkpoint write)
@@ -13,7 +13,6 @@ import os
 import runpy
 import signal
 import sys
-from pathlib import Path
 
 point, count, script, *rest = sys.argv[1:]
 count = int(count)
@@ -30,13 +29,15 @@ from mkdm_jax.data import LogitStore  # noqa: E402
 from mkdm_jax.train import checkpoint, inference, loop  # noqa: E402
 
 if point in ('batch', 'sigterm'):
-  real_batches = loop.batches  # training (loop) and inference batches alike
+  # Counted where the loop and inference take them from their prefetch thread, not where that thread builds
+  # them (ahead): the COUNT-th batch is the one the run is about to step on.
+  real_prefetch = loop.prefetch
 
   def counted_batches(*a, **kw):
-    for batch in real_batches(*a, **kw):
+    for batch in real_prefetch(*a, **kw):
       hit(signal.SIGTERM if point == 'sigterm' else signal.SIGKILL)
       yield batch
-  loop.batches = inference.batches = counted_batches
+  loop.prefetch = inference.prefetch = counted_batches
 elif point == 'logit_write':
   real_write = LogitStore.write
   LogitStore.write = lambda self, *a, **kw: (real_write(self, *a, **kw), hit())[0]

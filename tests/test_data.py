@@ -1,5 +1,6 @@
 """Tests of the data layer: readers and tasks, row keys, tfds source, encoding and batching."""
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -7,6 +8,8 @@ import logging
 import struct
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,7 @@ from hypothesis import strategies as st
 from mkdm_jax.data import (TASKS, Encoded, Examples, batches, encode, get_task, load_split, make_unlabelled_pairs,
                            num_batches, resolve_data_dir, row_key)
 from mkdm_jax.data import readers, tfds_source
+from mkdm_jax.data.batching import bucket_sizes, prefetch
 from mkdm_jax.errors import UserError
 
 DATA = resolve_data_dir()
@@ -94,7 +98,7 @@ def test_task_registry():
   assert wikiqa.metrics == ["accuracy", "f1", "auc", "map", "mrr"] and wikiqa.primary_metric == "map"
   assert get_task("rte").label_names == ["entailment", "not_entailment"]
   assert get_task("tfds:glue/mnli").num_classes == 3
-  with pytest.raises(UserError, match="unknown task 'nope'; known tasks: wikiqa, rte"):
+  with pytest.raises(UserError, match="unknown task 'nope'; known tasks: wikiqa, squad, rte"):
     get_task("nope")
 
 
@@ -447,6 +451,64 @@ def test_process_slices_and_resume():
   assert all(np.array_equal(a["ids"], b["ids"]) for a, b in zip(resumed, whole[5:]))
   with pytest.raises(ValueError, match="not divisible"):
     collect(enc, batch_size=9, process_count=2)
+
+
+@given(st.sets(st.integers(1, 300), max_size=5), st.integers(1, 300))
+def test_bucket_sizes_gives_what_each_rule_it_replaced_gave(buckets, max_length):
+  """One rule for the config's buckets, inference's and batching's (for buckets without repeats)."""
+  def config_rule():  # the former config.buckets_of
+    sizes = tuple(sorted(buckets))
+    if not sizes or sizes[-1] > max_length or max_length not in sizes:
+      sizes = tuple(b for b in sizes if b < max_length) + (max_length,)
+    return sizes
+  inference_rule = tuple(b for b in (32, 64, 128) if b < max_length) + (max_length,)  # predictions.buckets_for
+  batching_rule = sorted({b for b in buckets if b < max_length}) + [max_length]  # the former bucket_sizes
+  assert bucket_sizes(max_length, buckets) == config_rule() == tuple(batching_rule)
+  assert bucket_sizes(max_length) == inference_rule
+
+
+def endless(produced):
+  """0, 1, 2, ... for ever, noting each item produced."""
+  i = 0
+  while True:
+    produced.append(i)
+    yield i
+    i += 1
+
+
+def prefetch_threads():
+  return [t for t in threading.enumerate() if t.name == "prefetch"]
+
+
+def test_prefetch_yields_the_same_batches_in_order_and_raises_the_producers_error():
+  enc = fake_encoded()
+  for a, b in zip(prefetch(batches(enc, 16, seed=1, epoch=2)), batches(enc, 16, seed=1, epoch=2), strict=True):
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+  def failing():
+    yield from (1, 2)
+    raise ValueError("bad row")
+  stream = prefetch(failing())
+  assert [next(stream), next(stream)] == [1, 2]
+  with pytest.raises(ValueError, match="bad row"):
+    next(stream)
+  assert not prefetch_threads()
+
+
+def test_prefetch_runs_a_bounded_way_ahead_and_stops_when_closed():
+  produced = []
+  stream = prefetch(endless(produced), size=2)
+  assert [next(stream) for _ in range(3)] == [0, 1, 2]
+  time.sleep(0.2)
+  assert len(produced) <= 3 + 2 + 1  # taken, queued, and the one waiting to be queued
+  stream.close()
+  assert not prefetch_threads()
+  stream = prefetch(endless([]))
+  with pytest.raises(KeyboardInterrupt), contextlib.closing(stream):  # an interrupted consumer, e.g. preemption
+    for item in stream:
+      if item == 5:
+        raise KeyboardInterrupt
+  assert not prefetch_threads()
 
 
 def test_bucketing_reduces_padding_on_wikiqa(tokenizer):

@@ -131,7 +131,7 @@ def test_ranking_ignores_row_order(rows, data):
 
 def minilm_relevance(examples, checkpoint, batch_size=64):
   """Zero-shot relevance: cosine of mean-pooled MiniLM embeddings of text_a and text_b (each text once)."""
-  config, params = models.load_hf_bert(checkpoint)
+  config, params = models.load_hf_encoder(checkpoint)
   tokenizer = models.load_tokenizer(checkpoint)
   tokenizer.enable_truncation(64)
   encoder = models.BertEncoder(config)

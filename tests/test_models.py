@@ -13,13 +13,15 @@ import pytest
 
 from mkdm_jax.errors import UserError
 from mkdm_jax.models.bert import hash_dropout
-from mkdm_jax.models import (BertConfig, BertEncoder, BiLSTMConfig, BiLSTMEncoder, Classifier,
-                             bilstm_embeddings_from_bert, build_classifier, count_params, cut_bottom_layers, export_hf, load_hf_bert,
+from mkdm_jax.models import (BertConfig, BertEncoder, BiLSTMConfig, BiLSTMEncoder, Classifier, MPNetConfig,
+                             bilstm_embeddings_from_bert, count_params, cut_layers, export_hf, load_hf_encoder,
                              load_tokenizer, resolve_checkpoint)
 
 TINY_BERT = BertConfig(vocab_size=120, hidden_size=16, num_layers=2, num_attention_heads=2,
                        intermediate_size=32, max_position_embeddings=32)
 TINY_LSTM = BiLSTMConfig(vocab_size=120, embed_dim=16, hidden_size=8)
+TINY_MPNET = MPNetConfig(vocab_size=120, hidden_size=16, num_layers=2, num_attention_heads=2, intermediate_size=32,
+                         max_position_embeddings=34)
 PAIRS = [('what is the capital of france?', 'paris is the capital and largest city of france.'),
          ('who wrote hamlet', 'shakespeare'),
          ('how tall is mount everest?', 'mount everest is 8,849 metres above sea level.')]
@@ -57,7 +59,7 @@ def init(model, seed=0, length=10):
 
 @pytest.fixture(scope='module')
 def minilm(minilm_dir):
-  return load_hf_bert(minilm_dir)
+  return load_hf_encoder(minilm_dir)
 
 
 def test_bert_matches_transformers(minilm_dir, minilm):
@@ -93,7 +95,7 @@ def test_count_params_matches_checkpoint(minilm_dir, minilm):
 def test_export_reproduces_combined_logits(minilm_dir, minilm, tmp_path):
   import torch
   import transformers
-  cfg3, enc3 = cut_bottom_layers(*minilm, 3)
+  cfg3, enc3 = cut_layers(*minilm, (0, 1, 2))
   model = Classifier(cfg3, num_classes=2, num_heads=3, combine='learned')
   params = init(model)
   rng = np.random.default_rng(0)
@@ -130,7 +132,7 @@ def test_export_safetensors_round_trip(tmp_path):
   np.testing.assert_array_equal(state['bert.embeddings.LayerNorm.weight'], enc['embeddings']['norm']['scale'])
   mean_kernel = np.asarray(params['heads']['kernel']).mean(0)
   np.testing.assert_allclose(state['classifier.weight'], mean_kernel.T, rtol=1e-6)
-  cfg, reloaded = load_hf_bert(tmp_path)
+  cfg, reloaded = load_hf_encoder(tmp_path)
   assert cfg == TINY_BERT
   jax.tree.map(np.testing.assert_array_equal, reloaded, jax.tree.map(np.asarray, enc))
   config = json.loads((tmp_path / 'config.json').read_text())
@@ -146,7 +148,7 @@ def test_export_bilstm_is_refused(tmp_path):
 @pytest.mark.parametrize('encoder', [TINY_BERT, TINY_LSTM])
 def test_multi_head_combination(encoder):
   ids, types, mask = random_batch(1)
-  model = build_classifier(encoder, num_classes=3, num_heads=4)
+  model = Classifier(encoder, num_classes=3, num_heads=4)
   params = init(model)
   assert set(params) == {'encoder', 'heads'}
   width = 16 if encoder is TINY_BERT else 2 * TINY_LSTM.hidden_size
@@ -157,7 +159,7 @@ def test_multi_head_combination(encoder):
   assert np.abs(np.asarray(out['head_logits'][:, 0] - out['head_logits'][:, 1])).max() > 1e-4
   np.testing.assert_allclose(out['logits'], out['head_logits'].mean(1), atol=1e-6)
 
-  learned = build_classifier(encoder, num_classes=3, num_heads=4, combine='learned')
+  learned = Classifier(encoder, num_classes=3, num_heads=4, combine='learned')
   lparams = init(learned)
   np.testing.assert_array_equal(lparams['combine_weights'], np.zeros(4))
   lparams = {**lparams, 'encoder': params['encoder'], 'heads': params['heads']}
@@ -168,6 +170,32 @@ def test_multi_head_combination(encoder):
   np.testing.assert_allclose(learned.apply({'params': lparams}, ids, types, mask)['logits'],
                              jnp.einsum('h,bhc->bc', w, out['head_logits']), atol=1e-6)
 
+
+
+@pytest.mark.parametrize('encoder', [TINY_BERT, TINY_MPNET, TINY_LSTM], ids=['bert', 'mpnet', 'bilstm'])
+def test_one_initialiser_gives_the_params_of_each_init_it_replaced(encoder):
+  """factory.init_params (the factory's, fit's and init_state's random init) equals, bit for bit, the inits it
+  replaced: the factory's (jnp dummy of length 8), fit's (numpy dummy of the smallest bucket, 16 here) and
+  init_state's (the first half of the split key, dummy of length 32)."""
+  from mkdm_jax.models import factory
+  from mkdm_jax.train.optim import make_optimizer
+  from mkdm_jax.train.step import init_state
+  model = Classifier(encoder, num_classes=3, num_heads=2, combine='learned')
+
+  def former_init(rng, length, xp):
+    dummy = xp.zeros((1, length), xp.int32)
+    return model.init(rng, dummy, dummy, xp.ones_like(dummy))['params']
+
+  def assert_same(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+  rng = jax.random.PRNGKey(3)
+  assert_same(factory.init_params(model, rng), former_init(rng, 8, jnp))
+  assert_same(factory.host_init_params(model, 3), former_init(rng, 8, jnp))
+  assert_same(factory.init_params(model, rng), former_init(rng, 16, np))
+  optimizer, _ = make_optimizer(None, learning_rate=1e-3, total_steps=2)
+  assert_same(init_state(model, optimizer, rng).params, former_init(jax.random.split(rng)[0], 32, jnp))
 
 def test_dropout_and_hidden_states():
   ids, types, mask = random_batch(2)
@@ -276,21 +304,6 @@ def test_bilstm_embeddings_from_bert():
     bilstm_embeddings_from_bert(narrow, bert_params)
 
 
-def test_cut_bottom_layers():
-  cfg = dataclasses.replace(TINY_BERT, num_layers=4)
-  params = jax.tree.map(np.asarray, init(BertEncoder(cfg)))
-  cfg2, cut = cut_bottom_layers(cfg, params, 2)
-  assert cfg2 == dataclasses.replace(TINY_BERT, num_layers=2)
-  assert set(cut) == {'embeddings', 'pooler', 'layer_0', 'layer_1'}
-  jax.tree.map(np.testing.assert_array_equal, cut, {k: params[k] for k in cut})
-  cut['layer_0']['output']['bias'][0] += 1.0
-  assert params['layer_0']['output']['bias'][0] != cut['layer_0']['output']['bias'][0]  # copies, not views
-  BertEncoder(cfg2).apply({'params': cut}, *random_batch(0))
-  for k in (0, 5):
-    with pytest.raises(UserError, match='num_layers=4'):
-      cut_bottom_layers(cfg, params, k)
-
-
 def write_tiny_checkpoint(path, cfg=TINY_BERT):
   from mkdm_jax.models.hf_files import encoder_params_to_hf_state
   params = init(BertEncoder(cfg))
@@ -304,9 +317,9 @@ def test_pickle_checkpoint_needs_opt_in(tmp_path):
   params, state = write_tiny_checkpoint(tmp_path)
   torch.save({k: torch.tensor(v) for k, v in state.items()}, tmp_path / 'pytorch_model.bin')
   with pytest.raises(UserError, match='pickle') as err:
-    load_hf_bert(tmp_path)
+    load_hf_encoder(tmp_path)
   assert 'allow_pickle' in str(err.value)
-  cfg, loaded = load_hf_bert(tmp_path, allow_pickle=True)
+  cfg, loaded = load_hf_encoder(tmp_path, allow_pickle=True)
   assert cfg == TINY_BERT
   jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, params))
 
@@ -314,15 +327,15 @@ def test_pickle_checkpoint_needs_opt_in(tmp_path):
 def test_checkpoint_errors(tmp_path):
   from safetensors.numpy import save_file
   with pytest.raises(UserError, match='config.json'):
-    load_hf_bert(tmp_path)
+    load_hf_encoder(tmp_path)
   _, state = write_tiny_checkpoint(tmp_path)
   with pytest.raises(UserError, match='model.safetensors'):
-    load_hf_bert(tmp_path)
+    load_hf_encoder(tmp_path)
   del state['pooler.dense.bias']
   state['encoder.layer.1.intermediate.dense.weight'] = np.zeros((8, 16), np.float32)
   save_file(state, str(tmp_path / 'model.safetensors'))
   with pytest.raises(UserError) as err:
-    load_hf_bert(tmp_path)
+    load_hf_encoder(tmp_path)
   assert 'missing pooler.dense.bias' in str(err.value)
   assert 'encoder.layer.1.intermediate.dense.weight: shape (8, 16) in file, (32, 16)' in str(err.value)
 
@@ -346,7 +359,7 @@ def test_minilm_l3_from_onnx(tmp_path, monkeypatch, minilm_dir):
   monkeypatch.setenv('MKDM_CACHE_DIR', str(tmp_path))
   path = resolve_checkpoint('minilm-l3')
   assert path == tmp_path / 'paraphrase-MiniLM-L3-v2' and resolve_checkpoint('minilm-l3') == path
-  cfg, params = load_hf_bert(path)
+  cfg, params = load_hf_encoder(path)
   assert (cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads) == (3, 384, 12)
   np.testing.assert_array_equal(params['pooler']['kernel'], np.eye(384))
   ids, _, mask = encode(load_tokenizer(path), PAIRS)
@@ -392,7 +405,7 @@ def test_legacy_gamma_beta_layernorm_names_load(minilm_dir):
   """Google's hub checkpoints name LayerNorm weights gamma/beta; they load like weight/bias."""
   import safetensors.numpy
   from mkdm_jax.models.hf_files import hf_state_to_encoder_params
-  config, params = load_hf_bert(minilm_dir)
+  config, params = load_hf_encoder(minilm_dir)
   state = safetensors.numpy.load_file(str(minilm_dir / 'model.safetensors'))
   legacy = {k.replace('LayerNorm.weight', 'LayerNorm.gamma').replace('LayerNorm.bias', 'LayerNorm.beta'): v
             for k, v in state.items()}

@@ -17,7 +17,7 @@ from mkdm_jax import saved_model
 from mkdm_jax.data import load_split
 from mkdm_jax.errors import UserError
 from mkdm_jax.models import (BertConfig, BertEncoder, Classifier, MPNetConfig, MPNetEncoder, RobertaConfig,
-                             checkpoints, cut_bottom_layers, cut_layers, export_hf, factory, load_hf_encoder,
+                             checkpoints, cut_layers, export_hf, factory, load_hf_encoder,
                              load_tokenizer, resolve_checkpoint)
 from mkdm_jax.models.hf_files import encoder_params_to_hf_state
 from mkdm_jax.models.mpnet import relative_position_buckets
@@ -180,8 +180,6 @@ def test_cut_layers(config):
   cut['layer_0']['output']['bias'][0] += 1.0
   assert params['layer_0']['output']['bias'][0] != cut['layer_0']['output']['bias'][0]  # copies, not views
   type(encoder)(cfg2).apply({'params': cut}, *random_batch(0))
-  bottom = cut_bottom_layers(config, params, 2)
-  jax.tree.map(np.testing.assert_array_equal, bottom, cut_layers(config, params, (0, 1)))
   for layers in ((), (1, 0), (0, 0), (0, 4), (-1, 2)):
     with pytest.raises(UserError, match='num_layers=4'):
       cut_layers(config, params, layers)
@@ -241,7 +239,7 @@ def test_saved_model_spec_round_trip(tmp_path, mpnet_dir):
 
 
 def test_export_mpnet3_reproduces_combined_logits(mpnet_dir, mpnet, wikiqa_batch, tmp_path):
-  cfg3, enc3 = cut_bottom_layers(*mpnet, 3)
+  cfg3, enc3 = cut_layers(*mpnet, (0, 1, 2))
   model = Classifier(cfg3, num_classes=2, num_heads=3, combine='learned')
   rng = np.random.default_rng(0)
   params = {'encoder': enc3, 'combine_weights': np.array([0.5, -1.0, 1.5], np.float32),

@@ -216,3 +216,19 @@ def test_fit_writes_logs_profile_and_done(tmp_path):
   assert list((tmp_path / 'tb').glob('events.out.tfevents.*'))
   assert [p for p in (tmp_path / 'profile').rglob('*') if p.is_file()]
   assert train.read_summary(tmp_path)['steps'] == 3 and train.is_complete(tmp_path)
+
+
+def test_non_finite_loss_is_caught_at_the_next_logged_or_saved_step(tmp_path):
+  """The loss is checked where the host waits for the device anyway (logged, evaluated and saved steps): a NaN
+  from step 4 on is reported at step 5, the next logged one, and the checkpoint of step 3 is the last one kept."""
+  from mkdm_jax.data.batching import batch_order
+  from synthetic import synthetic_data
+  data = synthetic_data()  # 4 batches of 16 per epoch
+  logits = np.zeros((len(data), 1, 2), np.float32)
+  logits[batch_order(data.lengths, 16, seed=0, epoch=0, shuffle=True, drop_remainder=False)[3][0]] = np.nan
+  cfg = train.TrainConfig(batch_size=16, max_steps=8, learning_rate=1e-3, buckets=(8, 16), log_every=5,
+                          checkpoint_every=3, progress=False)
+  with pytest.raises(train.NonFiniteLoss, match=r'non-finite loss \(nan\) at step 5 .*checkpoint \(step 3\) is kept'):
+    train.fit(tmp_path, models.Classifier(TINY, num_classes=2), data, cfg, LossConfig(teacher_mode='per_head'),
+              mesh=train.make_mesh(), teacher_logits=logits)
+  assert sorted(int(p.name) for p in (tmp_path / 'ckpt').iterdir() if p.name.isdigit()) == [3]

@@ -40,16 +40,17 @@ from synthetic import synthetic_data  # noqa: E402
 
 
 def install_kill():
-  real_batches, seen = loop.batches, [0]
+  # Counts the batches the loop takes from its prefetch thread (which builds them ahead).
+  real_prefetch, seen = loop.prefetch, [0]
 
   def killing_batches(*a, **kw):
-    for batch in real_batches(*a, **kw):
+    for batch in real_prefetch(*a, **kw):
       if seen[0] == args.kill_after:
         time.sleep(1.0)  # let the asynchronous checkpoint writer get somewhere (or not)
         os.kill(os.getpid(), signal.SIGKILL)
       seen[0] += 1
       yield batch
-  loop.batches = killing_batches
+  loop.prefetch = killing_batches
 
 
 def main():

@@ -4,9 +4,12 @@ Order for (seed, epoch) when shuffling: permute rows with `np.random.default_rng
 window of WINDOW_BATCHES * batch_size rows by length (stable), cut into batches, then permute the batch
 order with the same generator. Only the last window can leave one partial batch. Without shuffling,
 batches follow file order. Every batch's sequence axis is padded to the smallest bucket holding its
-longest row (buckets above max_length are dropped; max_length is always the last bucket).
+longest row (`bucket_sizes`: buckets above max_length are dropped; max_length is always the last bucket).
+`prefetch` builds batches ahead on a background thread.
 """
-from typing import TYPE_CHECKING, Iterator
+import queue
+import threading
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 
@@ -16,6 +19,7 @@ if TYPE_CHECKING:
   from mkdm_jax.data.corpus import CorpusRows
 
 WINDOW_BATCHES = 50
+BUCKETS = (32, 64, 128)  # the default padded lengths (training, inference and the config alike)
 
 
 def num_batches(encoded: Encoded, batch_size: int, drop_remainder: bool = False) -> int:
@@ -45,13 +49,14 @@ def batch_order(lengths: np.ndarray, batch_size: int, *, seed: int, epoch: int, 
   return order
 
 
-def bucket_sizes(buckets, max_length: int) -> list[int]:
-  """The sorted bucket lengths used for `max_length`."""
-  return sorted({b for b in buckets if b < max_length}) + [max_length]
+def bucket_sizes(max_length: int, buckets=BUCKETS) -> tuple[int, ...]:
+  """The padded lengths of rows of at most `max_length` tokens: the distinct `buckets` below it, sorted, then
+  `max_length` itself (the one bucket rule: batches, inference and the config's buckets all use it)."""
+  return tuple(sorted({b for b in buckets if b < max_length})) + (max_length,)
 
 
 def batches(encoded: "Encoded | CorpusRows", batch_size: int, *, seed: int, epoch: int, shuffle: bool = True,
-            buckets=(32, 64, 128), start_batch: int = 0, process_index: int = 0, process_count: int = 1,
+            buckets=BUCKETS, start_batch: int = 0, process_index: int = 0, process_count: int = 1,
             drop_remainder: bool = False, extra=None) -> Iterator[dict[str, np.ndarray]]:
   """Yields this process's slice of each global batch of `batch_size` rows.
 
@@ -68,7 +73,7 @@ def batches(encoded: "Encoded | CorpusRows", batch_size: int, *, seed: int, epoc
   for name, array in extra.items():
     if len(array) != len(encoded):
       raise ValueError(f"extra[{name!r}] has {len(array)} rows, encoded has {len(encoded)}")
-  sizes = bucket_sizes(buckets, encoded.max_length)
+  sizes = bucket_sizes(encoded.max_length, buckets)
   local = batch_size // process_count
   lo, hi = process_index * local, (process_index + 1) * local
   order = batch_order(encoded.lengths, batch_size, seed=seed, epoch=epoch, shuffle=shuffle,
@@ -85,3 +90,47 @@ def batches(encoded: "Encoded | CorpusRows", batch_size: int, *, seed: int, epoc
     for name, array in extra.items():
       batch[name] = array[full]
     yield batch
+
+
+def prefetch(items: Iterable, size: int = 2) -> Iterator:
+  """Yields `items` in their order, produced up to `size` ahead on a background thread (the next host batches
+  are built while the device runs the current step).
+
+  An exception of the producer is raised here, at the item where it happened. Closing this generator (a
+  `break`, an exception in the consumer, `contextlib.closing`) stops the producer and joins its thread.
+  """
+  ready = queue.Queue(maxsize=size)
+  stop = threading.Event()
+
+  def put(entry):
+    # A timed put, so that a producer blocked on a full queue sees `stop` once the consumer has gone.
+    while not stop.is_set():
+      try:
+        ready.put(entry, timeout=0.05)
+        return True
+      except queue.Full:
+        pass
+    return False
+
+  def produce():
+    try:
+      for item in items:
+        if not put(('item', item)):
+          return
+      put(('end', None))
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+      put(('error', e))
+
+  thread = threading.Thread(target=produce, name='prefetch', daemon=True)
+  thread.start()
+  try:
+    while True:
+      kind, value = ready.get()
+      if kind == 'end':
+        return
+      if kind == 'error':
+        raise value
+      yield value
+  finally:
+    stop.set()
+    thread.join()

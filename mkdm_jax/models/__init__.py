@@ -1,14 +1,13 @@
 """Models: BERT, RoBERTa, MPNet and BiLSTM encoders, the multi-head classifier, HF checkpoint I/O."""
 from mkdm_jax.models.bert import BertConfig, BertEncoder, RobertaConfig
 from mkdm_jax.models.bilstm import BiLSTMConfig, BiLSTMEncoder, bilstm_embeddings_from_bert
-from mkdm_jax.models.checkpoints import (count_params, cut_bottom_layers, cut_layers, export_hf, load_hf_bert,
-                                         load_hf_encoder, load_tokenizer, resolve_checkpoint)
-from mkdm_jax.models.classifier import Classifier, build_classifier, combination_weights, encoder_kind
+from mkdm_jax.models.checkpoints import (count_params, cut_layers, export_hf, load_hf_encoder, load_tokenizer,
+                                         resolve_checkpoint)
+from mkdm_jax.models.classifier import Classifier, combination_weights, encoder_kind
 from mkdm_jax.models.mpnet import MPNetConfig, MPNetEncoder
 
 __all__ = [
     'BertConfig', 'BertEncoder', 'BiLSTMConfig', 'BiLSTMEncoder', 'Classifier', 'MPNetConfig', 'MPNetEncoder',
-    'RobertaConfig', 'bilstm_embeddings_from_bert', 'build_classifier', 'combination_weights', 'count_params',
-    'cut_bottom_layers', 'cut_layers', 'encoder_kind', 'export_hf', 'load_hf_bert', 'load_hf_encoder',
-    'load_tokenizer', 'resolve_checkpoint',
+    'RobertaConfig', 'bilstm_embeddings_from_bert', 'combination_weights', 'count_params', 'cut_layers',
+    'encoder_kind', 'export_hf', 'load_hf_encoder', 'load_tokenizer', 'resolve_checkpoint',
 ]

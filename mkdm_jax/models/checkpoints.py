@@ -173,9 +173,6 @@ def load_hf_encoder(path, allow_pickle=False):
   return cfg, hf_state_to_encoder_params(state, cfg, str(bin_file))
 
 
-load_hf_bert = load_hf_encoder  # the name from before MPNet, kept for existing callers
-
-
 def load_tokenizer(path):
   """A `tokenizers.Tokenizer` from tokenizer.json, else a BertWordPieceTokenizer from vocab.txt.
 
@@ -209,11 +206,6 @@ def cut_layers(config: BertConfig | MPNetConfig, encoder_params, layers: tuple[i
   params = {name: value for name, value in encoder_params.items() if not re.fullmatch(r'layer_\d+', name)}
   params.update({f'layer_{new}': encoder_params[f'layer_{old}'] for new, old in enumerate(layers)})
   return dataclasses.replace(config, num_layers=len(layers)), jax.tree.map(np.array, params)
-
-
-def cut_bottom_layers(config: BertConfig | MPNetConfig, encoder_params, k: int):
-  """Keeps the bottom k layers (the paper's BERT_k student init): `cut_layers` with layers 0..k-1."""
-  return cut_layers(config, encoder_params, tuple(range(k)))
 
 
 def export_hf(out_dir, classifier: Classifier, params, tokenizer_dir=None, label_names=None):

@@ -83,8 +83,3 @@ def combination_weights(classifier: Classifier, params):
   if classifier.combine == 'learned':
     return nn.softmax(jnp.asarray(params['combine_weights'], jnp.float32))
   return jnp.full((classifier.num_heads,), 1.0 / classifier.num_heads)
-
-
-def build_classifier(encoder_cfg, num_classes, num_heads=1, combine='mean', dtype=jnp.float32):
-  """Convenience constructor for `Classifier`."""
-  return Classifier(encoder_cfg, num_classes, num_heads, combine, dtype)

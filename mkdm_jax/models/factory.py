@@ -63,21 +63,29 @@ def encoder_config(checkpoint, options: ModelOptions):
   return load_encoder(checkpoint, options)[0]
 
 
-def init_params(model: Classifier, seed: int, encoder_params=None):
-  """Random init of a classifier (host numpy), the encoder replaced by pretrained weights if given."""
+def init_params(model: Classifier, rng, encoder_params=None):
+  """The one random init of a classifier's params from the PRNG key `rng` (traceable: `train.step.init_state`
+  calls it under jit), the encoder replaced by pretrained weights if given.
+
+  The dummy input's length does not matter: no parameter's shape or value depends on it.
+  """
   dummy = jnp.zeros((1, 8), jnp.int32)
-  params = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(seed), dummy, dummy,
-                                               jnp.ones_like(dummy))['params'])
+  params = model.init(rng, dummy, dummy, jnp.ones_like(dummy))['params']
   if encoder_params is not None:
     params = {**params, 'encoder': encoder_params}
   return params
+
+
+def host_init_params(model: Classifier, seed: int, encoder_params=None):
+  """`init_params` from PRNGKey(seed) as host numpy arrays (the callers' private copies)."""
+  return jax.tree.map(np.asarray, init_params(model, jax.random.PRNGKey(seed), encoder_params))
 
 
 def teacher(checkpoint, num_classes, seed, options: ModelOptions):
   """A one-head teacher classifier on a checkpoint (of any kind config.json names), and its initial params."""
   config, encoder_params = load_encoder(checkpoint, options)
   model = Classifier(config, num_classes=num_classes, dtype=jnp.dtype(options.dtype))
-  return model, init_params(model, seed, encoder_params)
+  return model, host_init_params(model, seed, encoder_params)
 
 
 def check_student(arch, checkpoint, options: ModelOptions, layers=None):
@@ -120,7 +128,7 @@ def student(arch, checkpoint, num_classes, num_heads, seed, options: ModelOption
     lstm = BiLSTMConfig(vocab_size=config.vocab_size, embed_dim=config.hidden_size,
                         hidden_size=options.bilstm_hidden)
     model = Classifier(lstm, num_classes, num_heads, combine, dtype)
-    params = init_params(model, seed)
+    params = host_init_params(model, seed)
     if encoder_params is not None:
       params = jax.tree.map(np.asarray, bilstm_embeddings_from_bert(params, encoder_params))
     return model, params
@@ -129,4 +137,4 @@ def student(arch, checkpoint, num_classes, num_heads, seed, options: ModelOption
   else:
     config, encoder_params = cut_layers(config, encoder_params, layers)
   model = Classifier(config, num_classes, num_heads, combine, dtype)
-  return model, init_params(model, seed, encoder_params)
+  return model, host_init_params(model, seed, encoder_params)

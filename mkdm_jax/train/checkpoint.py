@@ -1,10 +1,14 @@
-"""Orbax checkpointing: the last K full train states for resume, plus the best params by a dev metric.
+"""Orbax checkpointing: the last K full train states for resume, plus the best params by a dev metric; and a
+finished run's outputs: its params (`save_params`, `load_params`) and its summary (DONE.json).
 
 Orbax writes each step into a temporary folder and renames it only once complete, so a step that
 `all_steps()` lists was fully written. A finished step that still fails to restore (a truncated file,
 disk trouble) is skipped with a warning naming it, and the previous one is used.
 """
+import json
 import logging
+import os
+from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
@@ -12,6 +16,52 @@ import orbax.checkpoint as ocp
 from mkdm_jax.errors import UserError
 
 log = logging.getLogger(__name__)
+DONE_FILE = 'DONE.json'
+
+
+def save_params(path, params):
+  """Atomically save a params tree (Orbax writes to a temporary folder and renames)."""
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(Path(path).absolute(), params, force=True)
+
+
+def load_params(path, abstract=None):
+  """Load a params tree saved by `save_params` onto `abstract`'s shardings, by default onto this process's
+  first device (not the saving run's devices, which another process of a multi-process run cannot address).
+
+  In a multi-process run every process must call this together (Orbax synchronises them).
+  """
+  path = Path(path).absolute()
+  if not path.exists():
+    raise UserError(f'no saved parameters at {path}')
+  with ocp.StandardCheckpointer() as ckptr:
+    if abstract is None:
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              ckptr.metadata(path).item_metadata.tree)
+    return ckptr.restore(path, abstract)
+
+
+def is_complete(workdir):
+  return (Path(workdir) / DONE_FILE).exists()
+
+
+def write_summary(workdir, summary):
+  """Marks `workdir` complete with its DONE.json `summary` (written to a temporary file, then renamed)."""
+  path = Path(workdir) / DONE_FILE
+  tmp = path.with_suffix('.tmp')
+  tmp.write_text(json.dumps(summary, indent=1))
+  os.replace(tmp, path)
+
+
+def read_summary(workdir):
+  """The DONE.json summary of a finished `fit`: steps, best_score, last_eval."""
+  return json.loads((Path(workdir) / DONE_FILE).read_text())
+
+
+def load_final(workdir):
+  """Params and summary of a finished `fit` in `workdir`."""
+  return load_params(Path(workdir) / 'final'), read_summary(workdir)
 
 
 def _shapes_by_name(tree):

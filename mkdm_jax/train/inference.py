@@ -1,4 +1,5 @@
 """Inference beside the training loop: batched `predict` of a classifier over encoded rows (any mesh), and task `scores` of its output."""
+import contextlib
 import functools
 
 import jax
@@ -6,7 +7,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mkdm_jax import metrics as metrics_lib
-from mkdm_jax.data import batches, num_batches
+from mkdm_jax.data.batching import BUCKETS, batches, num_batches, prefetch
 from mkdm_jax.train import sharding
 from mkdm_jax.train.preemption import Preempted, preempted, sigterm_guard
 from mkdm_jax.train.step import make_eval_step
@@ -20,7 +21,7 @@ def _jitted_eval(model):
   return jax.jit(make_eval_step(model))
 
 
-def predict(model, params, data, *, mesh, batch_size=128, buckets=(32, 64, 128), desc=None):
+def predict(model, params, data, *, mesh, batch_size=128, buckets=BUCKETS, desc=None):
   """Logits of every row of `data` in row order: {'logits': [N, C], 'head_logits': [N, H, C]}.
 
   On a global mesh every process passes the same `data` and feeds its slice of each batch; on a
@@ -32,12 +33,17 @@ def predict(model, params, data, *, mesh, batch_size=128, buckets=(32, 64, 128),
   # Row order is free at inference: sorting by length puts similar lengths together, so most
   # batches fit a small bucket (file order mixes short and long rows in every batch).
   order = np.argsort(data.lengths, kind='stable')
-  positions = {'position': order.astype(np.int32)}
-  with sigterm_guard() as outermost:
-    processes = (0, 1) if sharding.is_local(mesh) else (jax.process_index(), jax.process_count())
-    for batch in _predict_batches(data.select(order), batch_size, buckets, positions, total, desc, processes):
+  process_index, process_count = (0, 1) if sharding.is_local(mesh) else (jax.process_index(), jax.process_count())
+  # Built on a background thread while the device runs the previous batch.
+  stream = prefetch(batches(data.select(order), batch_size, seed=0, epoch=0, shuffle=False, buckets=buckets,
+                            process_index=process_index, process_count=process_count,
+                            extra={'position': order.astype(np.int32)}))
+  with sigterm_guard() as outermost, contextlib.closing(stream):
+    for batch in tqdm(stream, total=total, desc=desc, disable=desc is None or jax.process_index() != 0, leave=False):
       if outermost and preempted():
         raise Preempted()
+      for key in HOST_ONLY_KEYS:
+        batch.pop(key, None)
       device_batch = sharding.put_batch(mesh, batch)
       result = eval_step(params, device_batch)
       rows = sharding.to_host(device_batch['position'])
@@ -48,17 +54,6 @@ def predict(model, params, data, *, mesh, batch_size=128, buckets=(32, 64, 128),
           out[name] = np.zeros((len(data),) + value.shape[1:], np.float32)
         out[name][rows[keep]] = value[keep]
   return out
-
-
-def _predict_batches(data, batch_size, buckets, positions, total, desc, processes):
-  process_index, process_count = processes
-  for batch in tqdm(batches(data, batch_size, seed=0, epoch=0, shuffle=False, buckets=buckets,
-                            process_index=process_index, process_count=process_count, extra=positions),
-                    total=total, desc=desc, disable=desc is None or jax.process_index() != 0,
-                    leave=False):
-    for key in HOST_ONLY_KEYS:
-      batch.pop(key, None)
-    yield batch
 
 
 def softmax(logits):
@@ -79,7 +74,7 @@ def scores(out, data, metric_names, threshold=None):
   return result
 
 
-def evaluate(model, params, data, metric_names, *, mesh, batch_size=128, buckets=(32, 64, 128), threshold=None):
+def evaluate(model, params, data, metric_names, *, mesh, batch_size=128, buckets=BUCKETS, threshold=None):
   """`scores` of the model's predictions on encoded `data`."""
   out = predict(model, params, data, mesh=mesh, batch_size=batch_size, buckets=buckets)
   return scores(out, data, metric_names, threshold)

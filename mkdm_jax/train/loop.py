@@ -1,35 +1,34 @@
-"""The training loop: one linear `fit` (big_vision style); inference is `mkdm_jax.inference`.
+"""The training loop: one linear `fit` (big_vision style); inference is `mkdm_jax.train.inference`.
 
 `fit` resumes automatically from the newest readable checkpoint in its work directory. The data
 position is derived from the step (the same seed and epoch give the same batches), so a resumed run
-sees exactly the batches an uninterrupted one would.
+sees exactly the batches an uninterrupted one would. Batches are built on a background thread
+(`prefetch`), and the host waits for the device only where it needs a step's results: at logged,
+evaluated and saved steps, which is also where the loss is checked.
 """
+import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from mkdm_jax.data import batches, num_batches
+from mkdm_jax.data.batching import BUCKETS, batches, num_batches, prefetch
 from mkdm_jax.errors import UserError
-from mkdm_jax.train import checkpoint, sharding
-from mkdm_jax.train.inference import HOST_ONLY_KEYS, evaluate
-from mkdm_jax.train.optim import make_optimizer
 from mkdm_jax.losses import LossConfig
+from mkdm_jax.models import factory
+from mkdm_jax.train import checkpoint, sharding
+from mkdm_jax.train.compiled import compile_train_step
+from mkdm_jax.train.inference import HOST_ONLY_KEYS, evaluate
 from mkdm_jax.train.preemption import Preempted, preempted, sigterm_guard
-from mkdm_jax.train.step import init_state, make_train_step
 
 log = logging.getLogger(__name__)
-DONE_FILE = 'DONE.json'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +45,7 @@ class TrainConfig:
   layer_decay: float = 1.0
   accumulate: int = 1
   seed: int = 0
-  buckets: tuple[int, ...] = (32, 64, 128)
+  buckets: tuple[int, ...] = BUCKETS
   checkpoint_every: int = 500
   keep_checkpoints: int = 2
   eval_every: int = 0  # 0: at the end of every epoch
@@ -67,49 +66,6 @@ def enable_compilation_cache(path):
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
-def is_complete(workdir):
-  return (Path(workdir) / DONE_FILE).exists()
-
-
-def save_params(path, params):
-  """Atomically save a params tree (Orbax writes to a temporary folder and renames)."""
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(Path(path).absolute(), params, force=True)
-
-
-def load_params(path, abstract=None):
-  """Load a params tree saved by `save_params` onto `abstract`'s shardings, by default onto this process's
-  first device (not the saving run's devices, which another process of a multi-process run cannot address).
-
-  In a multi-process run every process must call this together (Orbax synchronises them).
-  """
-  path = Path(path).absolute()
-  if not path.exists():
-    raise UserError(f'no saved parameters at {path}')
-  with ocp.StandardCheckpointer() as ckptr:
-    if abstract is None:
-      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                              ckptr.metadata(path).item_metadata.tree)
-    return ckptr.restore(path, abstract)
-
-
-def read_summary(workdir):
-  """The DONE.json summary of a finished `fit`: steps, best_score, last_eval."""
-  return json.loads((Path(workdir) / DONE_FILE).read_text())
-
-
-def load_final(workdir):
-  """Params and summary of a finished `fit` in `workdir`."""
-  return load_params(Path(workdir) / 'final'), read_summary(workdir)
-
-
-def _write_json_atomic(path, obj):
-  tmp = path.with_suffix('.tmp')
-  tmp.write_text(json.dumps(obj, indent=1))
-  os.replace(tmp, path)
-
-
 def with_hidden_projection(params, model, teacher, rng):
   """Adds the learned [Ds, Dt] projection of the hidden-state term when the widths differ."""
   student_width, teacher_width = model.encoder.hidden_size, teacher.encoder.hidden_size
@@ -118,6 +74,21 @@ def with_hidden_projection(params, model, teacher, rng):
   scale = 1.0 / np.sqrt(student_width)
   projection = scale * jax.random.normal(rng, (student_width, teacher_width), np.float32)
   return {**params, 'hidden_projection': np.asarray(projection)}
+
+
+def train_batches(train, cfg: TrainConfig, step, steps_per_epoch, extra=None):
+  """This process's batches for every step from `step` on, epoch after epoch, without the host-only fields.
+
+  The data position follows the step alone: a resumed run gets the batches an uninterrupted one would.
+  """
+  while True:
+    epoch, start = divmod(step, steps_per_epoch)
+    for batch in batches(train, cfg.batch_size, seed=cfg.seed, epoch=epoch, buckets=cfg.buckets, start_batch=start,
+                         process_index=jax.process_index(), process_count=jax.process_count(), extra=extra):
+      for key in HOST_ONLY_KEYS:
+        batch.pop(key, None)
+      yield batch
+    step = (epoch + 1) * steps_per_epoch
 
 
 def fit(workdir, model, train, cfg: TrainConfig, loss_config: LossConfig, *, mesh, init_params=None,
@@ -140,34 +111,27 @@ def fit(workdir, model, train, cfg: TrainConfig, loss_config: LossConfig, *, mes
     loss_config = dataclasses.replace(loss_config, schedule_steps=updates)
   rng = jax.random.PRNGKey(cfg.seed)
   if init_params is None:
-    dummy = np.zeros((1, min(cfg.buckets)), np.int32)
-    init_params = model.init(rng, dummy, dummy, np.ones_like(dummy))['params']
+    init_params = factory.init_params(model, rng)
   # A private host copy: the state's buffers are donated each step and must not alias the caller's.
   init_params = jax.tree.map(np.array, init_params)
   if dict(loss_config.aux_weights).get('hidden', 0) > 0 and teacher_models:
     # One projection for all teachers: the pipeline requires them to share one width.
     init_params = with_hidden_projection(init_params, model, teacher_models[0], rng)
-  optimizer, schedule = make_optimizer(
-      init_params, learning_rate=cfg.learning_rate, total_steps=updates,
-      warmup_steps=int(cfg.warmup_ratio * updates), decay=cfg.lr_decay,
-      weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm, layer_decay=cfg.layer_decay,
-      accumulate=cfg.accumulate)
-  make_state = functools.partial(init_state, model, optimizer)
-  abstract = jax.eval_shape(lambda r, p: make_state(r, params=p), rng, init_params)
-  state_shardings = sharding.state_shardings(mesh, abstract)
+  compiled = compile_train_step(
+      model, init_params, loss_config, mesh=mesh, rng=rng, teacher_models=teacher_models,
+      accumulate=cfg.accumulate, learning_rate=cfg.learning_rate, total_steps=updates,
+      warmup_steps=int(cfg.warmup_ratio * updates), decay=cfg.lr_decay, weight_decay=cfg.weight_decay,
+      clip_norm=cfg.clip_norm, layer_decay=cfg.layer_decay)
   teacher_params = jax.device_put(teacher_params, sharding.replicated(mesh))
-  train_step = jax.jit(make_train_step(model, optimizer, schedule, loss_config, teacher_models,
-                                       cfg.accumulate),
-                       donate_argnums=(0,), out_shardings=(state_shardings, sharding.replicated(mesh)))
 
   ckpt = checkpoint.Checkpointer(workdir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint)
-  restored = ckpt.restore_latest(checkpoint.abstract_like(abstract, state_shardings))
+  restored = ckpt.restore_latest(checkpoint.abstract_like(compiled.abstract, compiled.shardings))
   if restored is not None:
     state, meta = restored
     best_score = meta.get('best_score')
     log.info('resuming %s from step %d', workdir, int(state.step))
   else:
-    state = jax.jit(lambda r, p: make_state(r, params=p), out_shardings=state_shardings)(rng, init_params)
+    state = compiled.init()
     best_score = None
   step = int(state.step)
 
@@ -187,67 +151,72 @@ def fit(workdir, model, train, cfg: TrainConfig, loss_config: LossConfig, *, mes
                             'batch_in_epoch': step % steps_per_epoch, 'best_score': best_score},
               force=force)
 
+  def checked(measurements):
+    """The step's measurements on the host, once its loss is finite."""
+    values = jax.device_get(measurements)
+    if not np.isfinite(values['loss']):
+      raise NonFiniteLoss(
+          f'non-finite loss ({values["loss"]}) at step {step} in {workdir} (checked at every logged, evaluated '
+          f'or saved step); training stopped and the last good checkpoint (step {ckpt.states.latest_step()}) is '
+          'kept. Lower the learning rate or check the inputs and teacher logits.')
+    return values
+
   # An array, or any [N, T, C] row-indexable source (a corpus's memory-mapped CorpusLogits).
   extra = {'teacher_logits': teacher_logits} if teacher_logits is not None else None
   bar = tqdm(total=total_steps, initial=step, desc=workdir.name, unit='step',
              disable=not cfg.progress or not is_main, dynamic_ncols=True)
   last_eval, window_start, window_examples = {}, time.perf_counter(), 0
   try:
-    with sigterm_guard():
-      while step < total_steps:
-        epoch, start = divmod(step, steps_per_epoch)
-        for batch in batches(train, cfg.batch_size, seed=cfg.seed, epoch=epoch, buckets=cfg.buckets,
-                             start_batch=start, process_index=jax.process_index(),
-                             process_count=jax.process_count(), extra=extra):
-          if step >= total_steps:
-            break
-          if cfg.profile_steps and step == cfg.profile_steps[0]:
-            jax.profiler.start_trace(str(workdir / 'profile'))
-          for key in HOST_ONLY_KEYS:
-            batch.pop(key, None)
-          state, measurements = train_step(state, sharding.put_batch(mesh, batch), teacher_params)
-          step += 1
-          measurements = jax.device_get(measurements)
-          if not np.isfinite(measurements['loss']):
-            raise NonFiniteLoss(
-                f'non-finite loss ({measurements["loss"]}) at step {step} in {workdir}; training '
-                f'stopped and the last good checkpoint (step {ckpt.states.latest_step()}) is kept. '
-                'Lower the learning rate or check the inputs and teacher logits.')
-          if cfg.profile_steps and step == cfg.profile_steps[-1]:
-            jax.profiler.stop_trace()
-          window_examples += cfg.batch_size
-          bar.update(1)
-          if step % cfg.log_every == 0 or step in (1, total_steps):  # first and last steps always
-            elapsed = time.perf_counter() - window_start
-            values = {k: float(v) for k, v in measurements.items()}
-            values['examples_per_sec'] = window_examples / max(elapsed, 1e-9)
-            record(values, 'train')
-            bar.set_postfix(loss=f'{values["loss"]:.4f}', ex_s=f'{values["examples_per_sec"]:.1f}')
-            window_start, window_examples = time.perf_counter(), 0
-          eval_now = (step % cfg.eval_every == 0) if cfg.eval_every else (step % steps_per_epoch == 0)
-          if eval_data is not None and (eval_now or step == total_steps):
-            last_eval = evaluate(model, state.params, eval_data, eval_metrics, mesh=mesh,
-                                 buckets=cfg.buckets)
-            record(last_eval, 'eval')
-            score = last_eval[primary_metric]
-            if best_score is None or score > best_score:
-              best_score = score
-              ckpt.save_best(step, state.params, score)
-          if step % cfg.checkpoint_every == 0 or step == total_steps:
-            save()
-          if preempted():
-            if ckpt.states.latest_step() != step:
-              save(force=True)
-            ckpt.wait()
-            raise Preempted(step)
+    stream = prefetch(train_batches(train, cfg, step, steps_per_epoch, extra))
+    with sigterm_guard(), contextlib.closing(stream):
+      for batch in stream:
+        if step >= total_steps:
+          break
+        if cfg.profile_steps and step == cfg.profile_steps[0]:
+          jax.profiler.start_trace(str(workdir / 'profile'))
+        state, measurements = compiled.step(state, sharding.put_batch(mesh, batch), teacher_params)
+        step += 1
+        if cfg.profile_steps and step == cfg.profile_steps[-1]:
+          jax.profiler.stop_trace()
+        window_examples += cfg.batch_size
+        bar.update(1)
+        log_now = step % cfg.log_every == 0 or step in (1, total_steps)  # first and last steps always
+        at_eval = step % cfg.eval_every == 0 if cfg.eval_every else step % steps_per_epoch == 0
+        eval_now = eval_data is not None and (at_eval or step == total_steps)
+        save_now = step % cfg.checkpoint_every == 0 or step == total_steps
+        stop = preempted()
+        if log_now or eval_now or save_now or stop:
+          # The host waits for the device only at these steps (the others are dispatched without waiting), and
+          # checks the loss before anything of the step is logged or saved: a NaN never reaches a checkpoint.
+          measurements = checked(measurements)
+        if log_now:
+          elapsed = time.perf_counter() - window_start
+          values = {k: float(v) for k, v in measurements.items()}
+          values['examples_per_sec'] = window_examples / max(elapsed, 1e-9)
+          record(values, 'train')
+          bar.set_postfix(loss=f'{values["loss"]:.4f}', ex_s=f'{values["examples_per_sec"]:.1f}')
+          window_start, window_examples = time.perf_counter(), 0
+        if eval_now:
+          last_eval = evaluate(model, state.params, eval_data, eval_metrics, mesh=mesh, buckets=cfg.buckets)
+          record(last_eval, 'eval')
+          score = last_eval[primary_metric]
+          if best_score is None or score > best_score:
+            best_score = score
+            ckpt.save_best(step, state.params, score)
+        if save_now:
+          save()
+        if stop:
+          if ckpt.states.latest_step() != step:
+            save(force=True)
+          ckpt.wait()
+          raise Preempted(step)
       ckpt.wait()
       params = state.params
       if cfg.select_best and eval_data is not None:
-        params = ckpt.restore_best(checkpoint.abstract_like(abstract.params, state_shardings.params))
-      save_params(workdir / 'final', params)
+        params = ckpt.restore_best(checkpoint.abstract_like(compiled.abstract.params, compiled.shardings.params))
+      checkpoint.save_params(workdir / 'final', params)
       if is_main:
-        _write_json_atomic(workdir / DONE_FILE, {'steps': step, 'best_score': best_score,
-                                                  'last_eval': last_eval})
+        checkpoint.write_summary(workdir, {'steps': step, 'best_score': best_score, 'last_eval': last_eval})
       return params
   finally:
     bar.close()

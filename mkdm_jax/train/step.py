@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import optax
 
 from mkdm_jax import losses
+from mkdm_jax.models.factory import init_params
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -104,11 +106,10 @@ def make_eval_step(model):
   return eval_step
 
 
-def init_state(model, optimizer, rng, max_length=32, params=None):
+def init_state(model, optimizer, rng, params=None):
   """Fresh TrainState from given (e.g. pretrained) params, else a random init."""
   init_rng, state_rng = jax.random.split(rng)
-  dummy = jnp.zeros((1, max_length), jnp.int32)
   if params is None:
-    params = model.init(init_rng, dummy, dummy, jnp.ones_like(dummy))['params']
+    params = init_params(model, init_rng)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                     rng=state_rng)
