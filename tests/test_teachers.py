@@ -155,6 +155,7 @@ def test_build_makes_one_object_per_spec_with_its_own_settings(tmp_path):
   assert built[1].tokenizer_dir == 'minilm-l6' and built[2].tokenizer_dir is None
   assert built[2].fingerprint() == 'overlap:idf' and built[3].fingerprint().startswith('sha256:')
   built[3].check()
+  assert built[3].scorer(None, 10) is None and built[3].report_fields() == {'params': None}  # nothing runs
   scores_file.unlink()
   with pytest.raises(UserError, match='no such file'):
     built[3].check()
