@@ -3,6 +3,7 @@
 Nothing is downloaded: the hub checkpoints are replaced by their known shapes, and the train states are
 built abstractly (jax.eval_shape) on 8 simulated CPU devices in a subprocess (this file run as a script).
 """
+import functools
 import json
 import os
 import subprocess
@@ -72,6 +73,16 @@ def sharded_state(model, abstract_params, mesh, cfg):
           'total_bytes': total, 'per_device_bytes': per_device}
 
 
+@functools.cache
+def run_script():
+  """experiments/run.py as a module, loaded once (its absl flags can be defined only once per process)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('run', REPO / 'experiments' / 'run.py')
+  run = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(run)
+  return run
+
+
 def check_config(path):
   """Parses one flagfile with run.py's flags into a pipeline Config, validates it, and builds its teacher
   and student train states through the model factory."""
@@ -79,11 +90,8 @@ def check_config(path):
   import jax
   import jax.numpy as jnp
   import tensorflow_datasets as tfds
-  import importlib.util
-  spec = importlib.util.spec_from_file_location('run', REPO / 'experiments' / 'run.py')
-  run = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(run)
-  from mkdm_jax import config, data, distill, pipeline, train
+  run = run_script()
+  from mkdm_jax import config, data, distill, train
   from mkdm_jax.models import factory
   run.FLAGS.unparse_flags()
   run.FLAGS(['run.py', f'--flagfile={path}', '--workdir=/nonexistent'])

@@ -11,7 +11,8 @@ import pytest
 
 from conftest import REPO, run_pipeline
 from mkdm_jax import data as data_lib
-from mkdm_jax import metrics, teachers
+from mkdm_jax import metrics
+from mkdm_jax.teachers import scores as teacher_scores
 
 pytestmark = pytest.mark.slow  # subprocess runs of the pipeline (python -m pytest -m "not slow" skips them)
 
@@ -134,8 +135,8 @@ def test_logits_stage_predicts_rows_shared_between_sets_once(ci_tiny_run):
   # TMKD's unlabelled set is every train pair without its label plus --unlabelled_extra=100 new pairs.
   train_rows = int(re.search(r'train: (\d+) rows', proc.stderr).group(1))
   for t in range(3):
-    assert f'teacher_{t}.train: predicting {train_rows} rows, 0 reused' in proc.stderr
-    assert f'teacher_{t}.unlabelled: predicting 100 rows, {train_rows} reused' in proc.stderr
+    assert f'teacher_{t}.train: {train_rows} new rows, 0 reused from earlier sets' in proc.stderr
+    assert f'teacher_{t}.unlabelled: 100 new rows, {train_rows} reused from earlier sets' in proc.stderr
 
 
 @pytest.fixture
@@ -211,7 +212,7 @@ def test_exported_teacher_logits_replace_the_teachers(run_copy, xla_cache, tmp_p
   for part in (run_copy / 'logits').glob('teacher_0.*'):
     logits, ids = store.read(part.name, json.loads((part / 'manifest.json').read_text())['manifest'])
     stored.update(zip(ids.tolist(), logits.tolist()))
-  keys, values = teachers.read_scores(out / 'teacher_0.tsv.gz', 2)
+  keys, values = teacher_scores.read_scores(out / 'teacher_0.tsv.gz', 2)
   assert sorted(keys.tolist()) == sorted(stored)  # every row of every set, once
   np.testing.assert_array_equal(values, [stored[k] for k in keys.tolist()])  # float32 exactly
 
