@@ -114,7 +114,7 @@ def test_corpus_flag_combinations_are_refused(tmp_path, train_corpus, xla_cache)
   assert proc.returncode == 2 and '--unlabelled_corpus replaces the in-memory stage-1 set' in proc.stderr
   proc = run_pipeline(tmp_path / 'y', '--methods=mkdm', '--unlabelled_extra=0', f'--unlabelled_corpus={train_corpus}',
                       cache=xla_cache)
-  assert proc.returncode == 2 and 'holds TMKD stage-1 pairs, and --methods has no tmkd' in proc.stderr
+  assert proc.returncode == 2 and 'holds first-stage pairs, and --methods has no two-stage method (tmkd, tkd, tkd_ensemble)' in proc.stderr
 
 
 def test_two_processes_score_and_train_as_one(in_memory_run, train_corpus, tmp_path, xla_cache):
