@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each test measures malloc in a fresh Python process
+
 SIZE = 2**30 + 2**27  # above the 1 GiB trim threshold that once let a MiniLM train step refault
 
 # Fills a malloc-ed block, frees it, and prints the minor page faults of filling a second one.

@@ -9,7 +9,7 @@ from conftest import CI_TINY, run_pipeline
 from mkdm_jax import config, context, data, metrics
 from mkdm_jax.teachers import overlap as overlap_teacher
 
-pytestmark = pytest.mark.slow  # subprocess runs of the pipeline (python -m pytest -m "not slow" skips them)
+pytestmark = pytest.mark.slow  # subprocess runs of the pipeline
 
 FLAGS = dict(max_train_rows=40, max_eval_rows=60, unlabelled_extra=0, num_teachers=3, max_length=32,
              buckets=(32,), batch_size=8, eval_batch_size=32, teacher_learning_rates=(3e-5,), speed_rows=32,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # subprocess runs (python -m pytest -m "not slow" skips them)
+pytestmark = pytest.mark.slow  # subprocess runs
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / 'experiments' / 'configs').glob('paper_*.flags'))

@@ -14,7 +14,7 @@ from mkdm_jax import data as data_lib
 from mkdm_jax import metrics
 from mkdm_jax.teachers import scores as teacher_scores
 
-pytestmark = pytest.mark.slow  # subprocess runs of the pipeline (python -m pytest -m "not slow" skips them)
+pytestmark = pytest.mark.slow  # subprocess runs of the pipeline
 
 METHODS = {'student_scratch', 'kd_single', 'kd_ensemble', 'mkdm', 'tmkd'}
 WIKIQA_METRICS = {'accuracy', 'f1', 'auc', 'map', 'mrr', 'accuracy_at_threshold', 'f1_at_threshold'}

@@ -68,6 +68,7 @@ def in_process(directory, path, **columns):
   return train.predict(model, params, encoded, mesh=train.make_mesh(), buckets=(32, 64))
 
 
+@pytest.mark.slow
 def test_predictions_tsv_matches_in_process_scores(model_dir, tmp_path):
   pairs = write_pairs(tmp_path / 'pairs.tsv', labelled=True)
   out = tmp_path / 'out' / 'predictions.tsv'
@@ -100,6 +101,7 @@ def test_predictions_tsv_matches_in_process_scores(model_dir, tmp_path):
   assert report['predictions'] == str(out.absolute())
 
 
+@pytest.mark.slow
 def test_unlabelled_file_with_predictions(model_dir, tmp_path):
   pairs = write_pairs(tmp_path / 'pairs.tsv', labelled=False)
   out = tmp_path / 'predictions.tsv'
@@ -119,6 +121,7 @@ def test_unlabelled_file_with_predictions(model_dir, tmp_path):
   np.testing.assert_allclose([float(r[3]) for r in rows], train.softmax(expected['logits'])[:, 1], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_unlabelled_file_without_predictions_is_one_error_line(model_dir, tmp_path):
   pairs = write_pairs(tmp_path / 'pairs.tsv', labelled=False)
   proc = evaluate(f'--model={model_dir}', '--task=tsv', f'--eval_file={pairs}', '--text_a_col=question',
@@ -135,6 +138,7 @@ def score(*args):
                         timeout=900)
 
 
+@pytest.mark.slow
 def test_score_command_writes_evaluate_predictions(model_dir, tmp_path):
   """score.py, reading 5 rows at a time (the repeated row falls in a later chunk than its first
   occurrence), writes the rows evaluate.py --predictions writes for the same file."""
@@ -184,6 +188,7 @@ def test_score_stream_reads_bounded_chunks(model_dir, tmp_path, monkeypatch):
   np.testing.assert_allclose([float(r[3]) for r in rows], train.softmax(expected['logits'])[:, 1], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_score_bad_row_is_one_error_line_and_leaves_no_file(model_dir, tmp_path):
   pairs = write_pairs(tmp_path / 'pairs.tsv', labelled=False)
   lines = pairs.read_text().splitlines()

@@ -14,6 +14,8 @@ from conftest import REPO, run_pipeline
 from mkdm_jax.errors import UserError
 from mkdm_jax.workdir import WorkdirLock
 
+pytestmark = pytest.mark.slow  # subprocess runs: kills, locks and the command line
+
 HARNESS = REPO / 'tests' / 'train_harness.py'
 KILL = [str(REPO / 'tests' / 'kill_wrapper.py')]
 

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each test starts a Python process to see XLA_FLAGS before jax starts
+
 REPO = Path(__file__).resolve().parents[1]
 FLAG = '--xla_cpu_experimental_ynn_fusion_type=individual_convolution'
 CONFIGURE = ('import os; from mkdm_jax import runtime; print(runtime.configure_xla_cpu()); '

@@ -16,7 +16,7 @@ from conftest import CI_TINY, run_pipeline
 from mkdm_jax import data, train
 from mkdm_jax.data import corpus
 
-pytestmark = pytest.mark.slow  # subprocess runs of the pipeline (python -m pytest -m "not slow" skips them)
+pytestmark = pytest.mark.slow  # subprocess runs of the pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 WIKIQA_TRAIN = REPO.parent / 'shared' / 'data' / 'wikiqa' / 'WikiQA-train.tsv'

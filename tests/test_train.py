@@ -105,6 +105,7 @@ def assert_same_params(a, b, atol):
   assert worst <= atol, f'max abs param difference {worst}'
 
 
+@pytest.mark.slow
 def test_sharded_training_matches_single_device(tmp_path):
   """The same 5 steps on 1 device, 8 simulated devices (data parallel) and 4x2 data x fsdp."""
   runs = {}
@@ -116,6 +117,7 @@ def test_sharded_training_matches_single_device(tmp_path):
   assert_same_params(runs['one'], runs['fsdp'], 1e-5)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_params(tmp_path):
   """2N steps straight == N steps, SIGKILL, rerun (with dropout, so the RNG must resume too)."""
   proc, straight = run_harness(tmp_path, 'straight', steps=12)
