@@ -6,11 +6,11 @@ read it back.
 """
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import jax.numpy as jnp
 
+from mkdm_jax import paths
 from mkdm_jax.errors import UserError
 from mkdm_jax.models import Classifier
 from mkdm_jax.models.classifier import ENCODERS, encoder_kind
@@ -45,10 +45,7 @@ def update_spec(directory, **fields):
 
 
 def _write(directory, spec):
-  path = Path(directory) / SPEC_FILE
-  tmp = path.with_name(f'.{SPEC_FILE}.{os.getpid()}')
-  tmp.write_text(json.dumps(spec, indent=1))
-  os.replace(tmp, path)  # atomic: readers see the old or the new spec, never half of one
+  paths.write_text_atomic(Path(directory) / SPEC_FILE, json.dumps(spec, indent=1))
 
 
 def _read_raw(directory):

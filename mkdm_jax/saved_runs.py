@@ -10,7 +10,7 @@ import logging
 import pathlib
 import shutil
 
-from mkdm_jax import config, distill
+from mkdm_jax import config, distill, paths
 from mkdm_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -63,4 +63,5 @@ def claim_run(directory, settings, overwrite):
   check([(directory, settings)], overwrite)
   directory.mkdir(parents=True, exist_ok=True)
   if recorded_settings(directory) is None:
-    (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+    # Atomic: the other processes of a multi-process run check (read) it while this one writes it.
+    paths.write_text_atomic(directory / SETTINGS_FILE, json.dumps(settings, indent=1))

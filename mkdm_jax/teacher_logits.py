@@ -32,6 +32,8 @@ def stage_logits(ctx: context.Context):
   store = data_lib.LogitStore(ctx.shared / 'logits')
   for teacher in ctx.teachers:
     todo = [d for d in ctx.examples if not store.has(f'{teacher.name}.{d}', store_manifest(ctx, teacher, d))]
+    # Process 0 writes what it computes: every process must have read the store (and found the same todo) first.
+    context.sync_processes(f'{teacher.name} logits checked')
     if todo:
       logits = _new_logits(ctx, store, teacher, todo)
       if jax.process_index() == 0:

@@ -24,7 +24,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 from pathlib import Path
 
 import grain
@@ -34,6 +33,7 @@ from tqdm import tqdm
 
 from mkdm_jax.data import readers
 from mkdm_jax.data.tokenize import Encoded, encode, tokenizer_fingerprint
+from mkdm_jax import paths
 from mkdm_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -49,42 +49,31 @@ def _shard_name(i: int) -> str:
   return f'shard-{i:05d}'
 
 
-def _write_atomic(path: Path, write):
-  """Calls write(tmp_path) and renames the result to `path`."""
-  tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
-
-
 def _write_records(path: Path, records):
   def write(tmp):
     writer = array_record_module.ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
     for record in records:
       writer.write(record)
     writer.close()
-  _write_atomic(path, write)
+  paths.write_atomic(path, write)
 
 
 def _write_npy(path: Path, array):
   def write(tmp):
     with open(tmp, 'wb') as f:
       np.save(f, array)
-  _write_atomic(path, write)
+  paths.write_atomic(path, write)
 
 
 def _write_npz(path: Path, **arrays):
   def write(tmp):
     with open(tmp, 'wb') as f:
       np.savez(f, **arrays)
-  _write_atomic(path, write)
+  paths.write_atomic(path, write)
 
 
 def _write_json(path: Path, obj):
-  _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, sort_keys=True)))
+  paths.write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def _finished_shards(folder: Path, suffix: str) -> int:

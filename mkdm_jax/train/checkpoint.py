@@ -7,12 +7,12 @@ disk trouble) is skipped with a warning naming it, and the previous one is used.
 """
 import json
 import logging
-import os
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
+from mkdm_jax import paths
 from mkdm_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -48,10 +48,7 @@ def is_complete(workdir):
 
 def write_summary(workdir, summary):
   """Marks `workdir` complete with its DONE.json `summary` (written to a temporary file, then renamed)."""
-  path = Path(workdir) / DONE_FILE
-  tmp = path.with_suffix('.tmp')
-  tmp.write_text(json.dumps(summary, indent=1))
-  os.replace(tmp, path)
+  paths.write_text_atomic(Path(workdir) / DONE_FILE, json.dumps(summary, indent=1))
 
 
 def read_summary(workdir):
