@@ -31,6 +31,8 @@ from mkdm_jax.train import compile_train_step, sharding
 FLAGS = flags.FLAGS
 flags.DEFINE_string('out', None, 'Output folder (ops.json, ops.md, trace/).')
 flags.DEFINE_string('checkpoint', 'minilm-l6', 'Model profiled (a checkpoint name or folder).')
+flags.DEFINE_enum('student', None, ['bert3', 'mpnet3'], "Profile this student's TMKD stage-1 step instead (bottom 3 "
+                  'layers of --checkpoint, one head per teacher, soft labels only: alpha 1, T 2).')
 flags.DEFINE_integer('batch', 32, 'Batch size.')
 flags.DEFINE_integer('length', 128, 'Sequence length (WikiQA train rows, padded to it).')
 flags.DEFINE_integer('warmup', 3, 'Untraced steps first (compilation, allocator warm-up).')
@@ -51,14 +53,17 @@ def train_step(quick):
     params, checkpoint, batch_size, length = factory.host_init_params(model, 0), 'minilm-l6', 4, 16
   else:
     checkpoint, batch_size, length = FLAGS.checkpoint, FLAGS.batch, FLAGS.length
-    model, params = factory.teacher(checkpoint, NUM_CLASSES, 0, factory.ModelOptions(max_length=length))
+    options = factory.ModelOptions(max_length=length)
+    model, params = (factory.student(FLAGS.student, checkpoint, NUM_CLASSES, NUM_TEACHERS, 0, options) if FLAGS.student
+                     else factory.teacher(checkpoint, NUM_CLASSES, 0, options))
   tokenizer = models.load_tokenizer(models.resolve_checkpoint(checkpoint))
   examples = data_lib.load_split('wikiqa', 'train', None).select(np.arange(batch_size))
   rows = next(data_lib.batches(data_lib.encode(tokenizer, examples, length), batch_size, seed=0, epoch=0,
                                buckets=(length,)))
   logits = np.random.default_rng(0).normal(size=(batch_size, NUM_TEACHERS, NUM_CLASSES)).astype(np.float32)
   batch = {k: jax.numpy.asarray(v) for k, v in {**rows, 'teacher_logits': logits}.items() if k in STEP_KEYS}
-  loss = losses.LossConfig(teacher_mode='ensemble', alpha=0.5, temperature=2.0)
+  loss = (losses.LossConfig(teacher_mode='per_head', alpha=1.0, temperature=2.0) if FLAGS.student and not quick
+          else losses.LossConfig(teacher_mode='ensemble', alpha=0.5, temperature=2.0))
   compiled = compile_train_step(model, params, loss, mesh=sharding.make_mesh(), rng=jax.random.key(1),
                                 learning_rate=5e-5, total_steps=1000, warmup_steps=100)
   return compiled.step, compiled.init(), batch
@@ -115,11 +120,12 @@ def main(argv):
   trace = json.loads(data)
   groups = op_groups(trace['traceEvents'] if isinstance(trace, dict) else trace, shapes, steps)
   shape = batch['input_ids'].shape
-  result = {'checkpoint': 'random (--quick)' if FLAGS.quick else FLAGS.checkpoint, 'batch': shape[0],
+  name = FLAGS.checkpoint + (f' {FLAGS.student} stage-1' if FLAGS.student else ' KD')
+  result = {'checkpoint': 'random (--quick)' if FLAGS.quick else name, 'batch': shape[0],
             'length': shape[1], 'steps': steps, 'seconds_per_traced_step': seconds,
             'machine': provenance.record(), 'ops': groups}
   (out / 'ops.json').write_text(json.dumps(result, indent=1))
-  lines = [f"{result['checkpoint']} KD train step, batch {shape[0]} x {shape[1]}, {steps} traced steps "
+  lines = [f"{result['checkpoint']} train step, batch {shape[0]} x {shape[1]}, {steps} traced steps "
            f"({seconds:.2f} s each under the profiler), {result['machine']['cpu_model']}, "
            f"commit {result['machine']['commit'][:12]}.", '',
            '| op (fusion group) | per step | ms per step | share of op time | output shapes |', '|---|---|---|---|---|']
