@@ -239,9 +239,9 @@ class Stepper:
   """Runs the pipeline's compiled train step (`train.compile_train_step`, as `train.fit` builds it) in place:
   `Stepper(...)(batch)` returns the step's measurements."""
 
-  def __init__(self, model, params, loss_config, teacher_models=(), teacher_params=()):
+  def __init__(self, model, params, loss_config, teacher_models=(), teacher_params=(), frozen=()):
     compiled = compile_train_step(model, params, loss_config, mesh=sharding.make_mesh(), rng=jax.random.key(1),
-                                  teacher_models=teacher_models, **OPTIMIZER)
+                                  teacher_models=teacher_models, frozen=frozen, **OPTIMIZER)
     self.step, self.state = compiled.step, compiled.init()
     self.teacher_params = teacher_params
 

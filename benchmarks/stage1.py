@@ -58,7 +58,14 @@ flags.DEFINE_list('buckets', ['32', '48', '64'], 'Padded lengths of the JAX batc
 flags.DEFINE_list('students', ['bert3', 'mpnet3'], 'Students to train (bert3, mpnet3).')
 flags.DEFINE_list('teachers', ['mpnet-base', 'minilm-l6'], 'Teachers to score with (mpnet-base, minilm-l6).')
 flags.DEFINE_boolean('tiny', False, 'Random tiny models (no weights loaded; tokenizer of minilm-l6): a smoke test.')
-flags.DEFINE_enum('label', 'before', ['before', 'after'], 'Key of this run in stage1_pairs_per_sec.')
+flags.DEFINE_enum('score_buckets', 'inference', ['inference', 'train'],
+                  "JAX scoring pads batches to predict's default grid (inference: max_length in steps of 8) or to "
+                  '--buckets (train; what the before run of 2026-12-06 used).')
+flags.DEFINE_string('before_json', None, "An earlier run's JSON whose stage1_pairs_per_sec fill this run's other "
+                    'labels (e.g. the before run, beside an after run).')
+LABELS = ('before', 'after', 'after_frozen_embeddings')
+flags.DEFINE_enum('label', 'before', list(LABELS),
+                  'Key of this run in stage1_pairs_per_sec (after_frozen_embeddings: --freeze_word_embeddings on).')
 
 NUM_CLASSES, NUM_HEADS = speed.NUM_CLASSES, 3
 STAGE1_LOSS = losses.LossConfig(teacher_mode='per_head', alpha=1.0, temperature=2.0)  # soft labels only
@@ -161,7 +168,8 @@ def stage1(students, encoded, steps, warmup, rounds, batch_size, buckets, gemm_s
   fns, runs = {'gemm': gemm_fn}, {}
   for arch in students:
     model, params = build_student(arch, FLAGS.tiny)
-    stepper = speed.Stepper(model, params, STAGE1_LOSS)
+    stepper = speed.Stepper(model, params, STAGE1_LOSS,
+                            frozen=('word_embeddings',) if FLAGS.label == 'after_frozen_embeddings' else ())
     batch_list = train_batches(encoded[arch], warmup + steps, batch_size, buckets)
     start = time.perf_counter()
     firsts = {b['input_ids'].shape[1]: b for b in reversed(batch_list)}  # the first batch of each bucket
@@ -223,6 +231,8 @@ def scoring(name, encoded, rounds, batch_size, buckets, gemm_size):
   finally:
     shutil.rmtree(folder)
   device_params, mesh = jax.tree.map(jnp.asarray, params), sharding.make_mesh()
+  if FLAGS.score_buckets == 'inference':
+    buckets = data_lib.batching.inference_buckets(encoded.max_length)  # predict's default
   batch_list = speed.inference_batches(encoded, batch_size, buckets)  # predict's batches, length-sorted
   feeds = peer_batches(batch_list, names)
   torch_inputs = [{k: torch.from_numpy(v) for k, v in feed.items()} for feed in feeds]
@@ -230,7 +240,8 @@ def scoring(name, encoded, rounds, batch_size, buckets, gemm_size):
   outputs = {}  # each framework's logits in sorted row order, from its latest pass
 
   def jax_pass():
-    outputs['jax'] = predict(model, device_params, encoded, mesh=mesh, batch_size=batch_size, buckets=buckets)['logits']
+    outputs['jax'] = predict(model, device_params, encoded, mesh=mesh, batch_size=batch_size,
+                             buckets=buckets)['logits']
     return outputs['jax']
 
   def torch_pass():
@@ -252,7 +263,7 @@ def scoring(name, encoded, rounds, batch_size, buckets, gemm_size):
   rate = {k: n / speed.median(times[k]) for k in ('jax', 'pytorch', 'onnxruntime')}
   best_peer = np.minimum(times['pytorch'], times['onnxruntime'])
   out = {
-      'checkpoint': 'random' if FLAGS.tiny else name, 'rows': n, 'batch_size': batch_size,
+      'checkpoint': 'random' if FLAGS.tiny else name, 'rows': n, 'batch_size': batch_size, 'jax_buckets': list(buckets),
       'torch_attention': torch_attention, 'torch_threads': torch.get_num_threads(),
       'onnxruntime': onnxruntime.__version__, 'onnxruntime_threads': options.intra_op_num_threads,
       'pairs_per_sec': rate,
@@ -288,7 +299,8 @@ def main(argv):
   now = datetime.datetime.now(datetime.timezone.utc)
   out_path = pathlib.Path(FLAGS.out or default_out(now.date().isoformat(), FLAGS.label))
   buckets = data_lib.batching.bucket_sizes(FLAGS.max_length, tuple(int(b) for b in FLAGS.buckets))
-  used = ('rows', 'steps', 'warmup', 'rounds', 'batch_size', 'score_batch_size', 'max_length', 'buckets', 'students',
+  used = ('rows', 'steps', 'warmup', 'rounds', 'batch_size', 'score_batch_size', 'max_length', 'buckets',
+          'score_buckets', 'before_json', 'students',
           'teachers', 'tiny', 'label', 'gemm_size', 'torch_threads', 'torch_attention', 'data_dir', 'malloc')
   result = {'date': now.isoformat(timespec='seconds'), 'command': ' '.join([sys.executable] + sys.argv),
             'flags': {k: FLAGS[k].value for k in used}, 'tiny': FLAGS.tiny, 'label': FLAGS.label,
@@ -306,8 +318,11 @@ def main(argv):
                  FLAGS.steps, FLAGS.warmup, FLAGS.rounds, FLAGS.batch_size, buckets, FLAGS.gemm_size)
   result['train'] = train
   result['train_mfu'] = {s: train[s]['mfu'] for s in FLAGS.students}
-  result['stage1_pairs_per_sec'] = {s: {k: train[s]['pairs_per_sec'] if k == FLAGS.label else None
-                                        for k in ('before', 'after')} for s in FLAGS.students}
+  before = json.loads(pathlib.Path(FLAGS.before_json).read_text()) if FLAGS.before_json else {}
+  result['before_json'] = FLAGS.before_json
+  result['stage1_pairs_per_sec'] = {
+      s: {k: train[s]['pairs_per_sec'] if k == FLAGS.label else before.get('stage1_pairs_per_sec', {}).get(s, {}).get(k)
+          for k in LABELS} for s in FLAGS.students}
 
   print(f'[{time.time() - started:.0f} s] 2. teacher scoring: JAX, PyTorch, ONNX Runtime', flush=True)
   score = {t: scoring(t, encoded[tokenizer_of(t)], FLAGS.rounds, FLAGS.score_batch_size, buckets, FLAGS.gemm_size)

@@ -123,6 +123,9 @@ class Config:
                                  'the epochs); the natural budget for a large streamed --unlabelled_corpus.')
   student_learning_rate: float = _setting(1e-4, 'BERT student learning rate.')
   bilstm_learning_rate: float = _setting(2e-3, 'BiLSTM student learning rate.')
+  freeze_word_embeddings: bool = _setting(
+      False, "Students' word-embedding tables stay as loaded: no gradient, optimiser state or weight decay (most "
+      "of a small student's parameters: bert3's stage-1 step is faster; its accuracy cost is in BENCHMARKS.md).")
   warmup_ratio: float = _setting(0.1, 'Fraction of updates spent warming up.')
   lr_decay: str = _setting('linear', 'Learning-rate decay.', ('linear', 'cosine', 'constant'))
   weight_decay: float = _setting(0.01, 'AdamW weight decay (not on biases / LayerNorm).')

@@ -183,6 +183,7 @@ SETTINGS = {
     'student_learning_rate': Setting('students', archs='bert'),
     'bilstm_learning_rate': Setting('students', archs='bilstm'),
     'bilstm_hidden': Setting('students', archs='bilstm'),
+    'freeze_word_embeddings': Setting('students'),
     'num_teachers': _DISTILS,
     # A first stage saves the combination parameter too.
     'head_combine': Setting('students', runs=lambda m, stage1: m.heads == 'per_teacher'),

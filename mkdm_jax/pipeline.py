@@ -37,11 +37,12 @@ def planned_runs(ctx: context.Context):
   return planned
 
 
-def train_config(cfg: config.Config, buckets, *, epochs, learning_rate, seed, batch_size=None, max_steps=0):
+def train_config(cfg: config.Config, buckets, *, epochs, learning_rate, seed, batch_size=None, max_steps=0,
+                 frozen=()):
   return train.TrainConfig(
       batch_size=batch_size or cfg.batch_size, epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
       warmup_ratio=cfg.warmup_ratio, lr_decay=cfg.lr_decay, weight_decay=cfg.weight_decay,
-      layer_decay=cfg.layer_decay, accumulate=cfg.accumulate, seed=seed, buckets=buckets,
+      layer_decay=cfg.layer_decay, accumulate=cfg.accumulate, frozen=frozen, seed=seed, buckets=buckets,
       checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every, progress=cfg.progress,
       profile_steps=tuple(cfg.profile_steps))
 
@@ -124,7 +125,8 @@ def _student_run(ctx, arch, run):
   fit_model(ctx, ctx.student_dir(arch, run), build, ctx.student_tokenizer_dir(arch), dataset, settings,
             train_config(cfg, ctx.buckets, epochs=cfg.pretrain_epochs if stage1 else cfg.student_epochs,
                          learning_rate=student_learning_rate(cfg, arch), seed=cfg.student_seed,
-                         max_steps=cfg.pretrain_steps if stage1 else 0),
+                         max_steps=cfg.pretrain_steps if stage1 else 0,
+                         frozen=('word_embeddings',) if cfg.freeze_word_embeddings else ()),
             distill.loss_config(run, cfg), select_on_dev=not stage1,
             teachers=teacher_logits.teacher_inputs(ctx, dataset, indices) if indices else None)
 

@@ -17,7 +17,6 @@ from tqdm import tqdm
 
 from mkdm_jax import data as data_lib
 from mkdm_jax import models, saved_model, train
-from mkdm_jax.data.batching import BUCKETS
 from mkdm_jax.data.readers import RowKeyer
 from mkdm_jax.errors import UserError
 
@@ -92,13 +91,12 @@ def score_stream(stream, model_dir, output, *, mesh, batch_size=128, chunk_rows=
 
 
 
-def score_corpus(model, params, rows, store, name, manifest, shards, *, batch_size=128, buckets=BUCKETS,
-                 progress=True):
+def score_corpus(model, params, rows, store, name, manifest, shards, *, batch_size=128, progress=True):
   """Writes the model's logits on each of `shards` of a prepared corpus (`data.corpus.CorpusRows`) to the
   logit store as shard s of `name`, on this process's devices alone (a process scores its own shards)."""
   mesh = train.sharding.local_mesh()
   count = len(rows.shard_rows)
   for shard in tqdm(shards, desc=f'{name} on {rows.corpus_dir.name}', unit=' shards', disable=not progress):
     encoded = rows.shard_encoded(shard)
-    out = train.predict(model, params, encoded, mesh=mesh, batch_size=batch_size, buckets=buckets)
+    out = train.predict(model, params, encoded, mesh=mesh, batch_size=batch_size)
     store.write(name, out['logits'], encoded.ids, manifest, shard=shard, num_shards=count)

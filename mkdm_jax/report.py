@@ -15,8 +15,7 @@ from mkdm_jax.models.classifier import combination_weights
 
 
 def predict(ctx, model, params, encoded):
-  return train.predict(model, params, encoded, mesh=ctx.mesh, batch_size=ctx.cfg.eval_batch_size,
-                       buckets=ctx.buckets)
+  return train.predict(model, params, encoded, mesh=ctx.mesh, batch_size=ctx.cfg.eval_batch_size)
 
 
 def speed_rows(ctx, tokenizer_dir):

@@ -74,7 +74,7 @@ def _score_corpus(ctx, store, teacher):
   if missing:
     model, params = teacher.saved()
     predictions.score_corpus(model, params, rows, store, name, manifest, todo, batch_size=ctx.cfg.eval_batch_size,
-                             buckets=ctx.buckets, progress=ctx.cfg.progress)
+                             progress=ctx.cfg.progress)
     log.info('%s: scored %d of %d corpus shards in this process', teacher.name, len(todo), count)
   context.sync_processes(f'{name} scored')
 

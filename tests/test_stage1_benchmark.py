@@ -88,3 +88,12 @@ def test_stage1_tiny_run(tmp_path):
   assert positive(r['gemm_gflops_median'])
   assert r['cpu_model']['model_name'] and {'avx512f', 'avx512_bf16', 'amx'} <= set(r['cpu_model'])
   assert r['flags']['rows'] == 16 and 'stage1.py' in r['command'] and r['date'] and r['tiny']
+  # An after run with the word embeddings frozen keeps the before run's figure beside its own.
+  after = tmp_path / 'after.json'
+  proc = subprocess.run([sys.executable, str(BENCHMARKS / 'stage1.py'), *args[:-1], '--students=bert3', '--teachers=',
+                         '--label=after_frozen_embeddings', f'--before_json={out}', f'--out={after}'],
+                        capture_output=True, text=True, timeout=600, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  pairs = json.loads(after.read_text())['stage1_pairs_per_sec']['bert3']
+  assert pairs['before'] == r['stage1_pairs_per_sec']['bert3']['before'] and pairs['after'] is None
+  assert positive(pairs['after_frozen_embeddings'])

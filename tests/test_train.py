@@ -234,3 +234,37 @@ def test_non_finite_loss_is_caught_at_the_next_logged_or_saved_step(tmp_path):
     train.fit(tmp_path, models.Classifier(TINY, num_classes=2), data, cfg, LossConfig(teacher_mode='per_head'),
               mesh=train.make_mesh(), teacher_logits=logits)
   assert sorted(int(p.name) for p in (tmp_path / 'ckpt').iterdir() if p.name.isdigit()) == [3]
+
+
+@pytest.mark.parametrize('layer_decay', [1.0, 0.8])
+def test_frozen_word_embeddings_stay_and_the_other_parameters_train_as_before(layer_decay):
+  """frozen=('word_embeddings',): the table is bitwise unchanged (no update, no weight decay) and has no optimiser
+  state; one step moves every other parameter exactly as the unfrozen step does (clipping off: the gradients of
+  the other parameters do not depend on freezing); grad_norm leaves the table out."""
+  model = models.Classifier(TINY, num_classes=2, num_heads=2)
+  batch = synthetic_batch(16)
+  batch['teacher_logits'] = np.random.default_rng(1).normal(size=(16, 2, 2)).astype(np.float32)
+  config = LossConfig(teacher_mode='per_head', temperature=2.0)
+  table = lambda params: np.asarray(params['encoder']['embeddings']['word_embeddings']['embedding'])
+  runs = {}
+  for frozen in ((), ('word_embeddings',)):
+    optimizer, schedule = make_optimizer(init_state(model, make_optimizer(None, learning_rate=1e-3, total_steps=4)[0],
+                                                    jax.random.PRNGKey(0)).params,
+                                         learning_rate=1e-3, total_steps=4, weight_decay=0.1, clip_norm=0.0,
+                                         layer_decay=layer_decay, frozen=frozen)
+    state = init_state(model, optimizer, jax.random.PRNGKey(0))
+    start = jax.tree.map(np.asarray, state.params)
+    step = jax.jit(make_train_step(model, optimizer, schedule, config, frozen=frozen))
+    state, m = step(state, batch)
+    runs[frozen] = (start, jax.tree.map(np.asarray, state.params), state.opt_state, float(m['grad_norm']))
+  start, frozen_params, opt_state, frozen_norm = runs[('word_embeddings',)]
+  _, free_params, free_state, free_norm = runs[()]
+  np.testing.assert_array_equal(table(frozen_params), table(start))
+  assert np.abs(table(free_params) - table(start)).max() > 1e-4  # unfrozen, the same step moves it
+  vocab_shaped = lambda tree: [x for x in jax.tree.leaves(tree) if np.shape(x) == table(start).shape]
+  assert vocab_shaped(opt_state) == [] and len(vocab_shaped(free_state)) == 2  # Adam's mu and nu
+  for path, leaf in jax.tree_util.tree_leaves_with_path(frozen_params):
+    if 'word_embeddings' not in jax.tree_util.keystr(path):
+      np.testing.assert_allclose(leaf, dict(jax.tree_util.tree_leaves_with_path(free_params))[path], rtol=0,
+                                 atol=1e-7, err_msg=jax.tree_util.keystr(path))
+  assert 0 < frozen_norm < free_norm

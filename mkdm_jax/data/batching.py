@@ -19,7 +19,8 @@ if TYPE_CHECKING:
   from mkdm_jax.data.corpus import CorpusRows
 
 WINDOW_BATCHES = 50
-BUCKETS = (32, 64, 128)  # the default padded lengths (training, inference and the config alike)
+BUCKETS = (32, 64, 128)  # the default padded lengths of training batches (and the config's --buckets)
+INFERENCE_BUCKET_STEP = 8
 
 
 def num_batches(encoded: Encoded, batch_size: int, drop_remainder: bool = False) -> int:
@@ -53,6 +54,14 @@ def bucket_sizes(max_length: int, buckets=BUCKETS) -> tuple[int, ...]:
   """The padded lengths of rows of at most `max_length` tokens: the distinct `buckets` below it, sorted, then
   `max_length` itself (the one bucket rule: batches, inference and the config's buckets all use it)."""
   return tuple(sorted({b for b in buckets if b < max_length})) + (max_length,)
+
+
+def inference_buckets(max_length: int) -> tuple[int, ...]:
+  """Padded lengths at inference: every multiple of INFERENCE_BUCKET_STEP, then max_length. Inference sorts rows
+  by length, so a fine grid pads little (training's few buckets keep its compiled shapes few); a row's logits do
+  not depend on its padding (bitwise for the transformers; tests/test_inference_buckets.py), so the grid
+  changes speed only."""
+  return bucket_sizes(max_length, range(INFERENCE_BUCKET_STEP, max_length, INFERENCE_BUCKET_STEP))
 
 
 def batches(encoded: "Encoded | CorpusRows", batch_size: int, *, seed: int, epoch: int, shuffle: bool = True,

@@ -40,6 +40,12 @@ class Classifier(nn.Module):
   combine: str = 'mean'
   dtype: Any = jnp.float32
 
+  @property
+  def padding_invariant(self) -> bool:
+    """Whether a row's logits are bitwise the same however far it is padded: true of the transformers (masked
+    keys add exact zeros), not of the BiLSTM (its scans' sums change in the last bits)."""
+    return encoder_kind(self.encoder) != 'bilstm'
+
   @nn.compact
   def __call__(self, input_ids, token_type_ids, attention_mask, *, deterministic: bool = True,
                output_hidden_states: bool = False):

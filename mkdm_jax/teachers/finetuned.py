@@ -43,13 +43,12 @@ class FineTuned(Teacher):
     model, params = self.saved()
     encoded = ctx.encoded(self.tokenizer_dir, dataset).select(rows)
     return train.predict(model, params, encoded, mesh=ctx.mesh, batch_size=ctx.cfg.eval_batch_size,
-                         buckets=ctx.buckets, desc=f'{self.name}.{dataset}' if ctx.cfg.progress else None)['logits']
+                         desc=f'{self.name}.{dataset}' if ctx.cfg.progress else None)['logits']
 
   def scorer(self, ctx, count):
     model, params = self.saved()
     encoded = ctx.encoded(self.tokenizer_dir, 'eval').select(np.arange(count))
-    return lambda: train.predict(model, params, encoded, mesh=ctx.mesh, batch_size=ctx.cfg.eval_batch_size,
-                                 buckets=ctx.buckets)
+    return lambda: train.predict(model, params, encoded, mesh=ctx.mesh, batch_size=ctx.cfg.eval_batch_size)
 
   def report_fields(self):
     return {'params': count_params(self.saved()[1]),

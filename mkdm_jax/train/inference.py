@@ -7,7 +7,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mkdm_jax import metrics as metrics_lib
-from mkdm_jax.data.batching import BUCKETS, batches, num_batches, prefetch
+from mkdm_jax.data.batching import BUCKETS, batches, inference_buckets, num_batches, prefetch
 from mkdm_jax.train import sharding
 from mkdm_jax.train.preemption import Preempted, preempted, sigterm_guard
 from mkdm_jax.train.step import make_eval_step
@@ -21,8 +21,11 @@ def _jitted_eval(model):
   return jax.jit(make_eval_step(model))
 
 
-def predict(model, params, data, *, mesh, batch_size=128, buckets=BUCKETS, desc=None):
+def predict(model, params, data, *, mesh, batch_size=128, buckets=None, desc=None):
   """Logits of every row of `data` in row order: {'logits': [N, C], 'head_logits': [N, H, C]}.
+
+  buckets: padded lengths (default: `inference_buckets`, the data's max_length in steps of 8, for a model whose
+  logits do not depend on padding; else the training default BUCKETS).
 
   On a global mesh every process passes the same `data` and feeds its slice of each batch; on a
   `sharding.local_mesh()` each process predicts its own `data` alone.
@@ -35,6 +38,7 @@ def predict(model, params, data, *, mesh, batch_size=128, buckets=BUCKETS, desc=
   order = np.argsort(data.lengths, kind='stable')
   process_index, process_count = (0, 1) if sharding.is_local(mesh) else (jax.process_index(), jax.process_count())
   # Built on a background thread while the device runs the previous batch.
+  buckets = buckets or (inference_buckets(data.max_length) if model.padding_invariant else BUCKETS)
   stream = prefetch(batches(data.select(order), batch_size, seed=0, epoch=0, shuffle=False, buckets=buckets,
                             process_index=process_index, process_count=process_count,
                             extra={'position': order.astype(np.int32)}))
@@ -74,7 +78,7 @@ def scores(out, data, metric_names, threshold=None):
   return result
 
 
-def evaluate(model, params, data, metric_names, *, mesh, batch_size=128, buckets=BUCKETS, threshold=None):
+def evaluate(model, params, data, metric_names, *, mesh, batch_size=128, threshold=None):
   """`scores` of the model's predictions on encoded `data`."""
-  out = predict(model, params, data, mesh=mesh, batch_size=batch_size, buckets=buckets)
+  out = predict(model, params, data, mesh=mesh, batch_size=batch_size)
   return scores(out, data, metric_names, threshold)

@@ -44,6 +44,7 @@ class TrainConfig:
   clip_norm: float = 1.0
   layer_decay: float = 1.0
   accumulate: int = 1
+  frozen: tuple[str, ...] = ()  # names of parameters left as they are (train.optim.frozen_mask)
   seed: int = 0
   buckets: tuple[int, ...] = BUCKETS
   checkpoint_every: int = 500
@@ -121,7 +122,7 @@ def fit(workdir, model, train, cfg: TrainConfig, loss_config: LossConfig, *, mes
       model, init_params, loss_config, mesh=mesh, rng=rng, teacher_models=teacher_models,
       accumulate=cfg.accumulate, learning_rate=cfg.learning_rate, total_steps=updates,
       warmup_steps=int(cfg.warmup_ratio * updates), decay=cfg.lr_decay, weight_decay=cfg.weight_decay,
-      clip_norm=cfg.clip_norm, layer_decay=cfg.layer_decay)
+      clip_norm=cfg.clip_norm, layer_decay=cfg.layer_decay, frozen=cfg.frozen)
   teacher_params = jax.device_put(teacher_params, sharding.replicated(mesh))
 
   ckpt = checkpoint.Checkpointer(workdir, keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint)
@@ -197,7 +198,7 @@ def fit(workdir, model, train, cfg: TrainConfig, loss_config: LossConfig, *, mes
           bar.set_postfix(loss=f'{values["loss"]:.4f}', ex_s=f'{values["examples_per_sec"]:.1f}')
           window_start, window_examples = time.perf_counter(), 0
         if eval_now:
-          last_eval = evaluate(model, state.params, eval_data, eval_metrics, mesh=mesh, buckets=cfg.buckets)
+          last_eval = evaluate(model, state.params, eval_data, eval_metrics, mesh=mesh)
           record(last_eval, 'eval')
           score = last_eval[primary_metric]
           if best_score is None or score > best_score:

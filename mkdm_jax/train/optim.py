@@ -18,6 +18,16 @@ def decay_mask(params):
                               for n in _path_names(path)), params)
 
 
+def frozen_mask(params, names):
+  """True for the leaves with one of `names` in their path (e.g. 'word_embeddings'): frozen leaves get no update."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: any(n in names for n in _path_names(path)), params)
+
+
+def without_frozen(tree, frozen):
+  """`tree` with its frozen leaves replaced by optax.MaskedNode (an empty subtree: norms and maps skip it)."""
+  return jax.tree.map(lambda x, f: optax.MaskedNode() if f else x, tree, frozen)
+
+
 def layerwise_scales(params, decay):
   """Per-leaf LR multipliers decay^(depth from the top): heads/pooler 1, layer i decay^(L-i), embeddings decay^(L+1)."""
   layers = [int(m.group(1)) for path, _ in jax.tree_util.tree_leaves_with_path(params)
@@ -55,20 +65,25 @@ def learning_rate_schedule(peak, total_steps, warmup_steps, decay='linear'):
 
 
 def make_optimizer(params, *, learning_rate, total_steps, warmup_steps=0, decay='linear',
-                   weight_decay=0.01, clip_norm=1.0, layer_decay=1.0, accumulate=1):
+                   weight_decay=0.01, clip_norm=1.0, layer_decay=1.0, accumulate=1, frozen=()):
   """AdamW as used for BERT fine-tuning. `total_steps` counts optimiser updates.
 
   Returns (optimizer, schedule). With `accumulate` = k > 1, optax.MultiSteps averages the gradients
-  of k consecutive micro-batches and applies one update.
+  of k consecutive micro-batches and applies one update. Leaves named by `frozen` (`frozen_mask`) get no update
+  and no optimiser state; clipping's global norm is over the trained leaves.
   """
   schedule = learning_rate_schedule(learning_rate, total_steps, warmup_steps, decay)
+  mask = frozen_mask(params, frozen)
   parts = []
   if clip_norm:
     parts.append(optax.clip_by_global_norm(clip_norm))
   parts.append(optax.adamw(schedule, weight_decay=weight_decay, mask=decay_mask))
   if layer_decay != 1.0:
-    parts.append(scale_by_tree(layerwise_scales(params, layer_decay)))
+    parts.append(scale_by_tree(layerwise_scales(without_frozen(params, mask) if frozen else params, layer_decay)))
   optimizer = optax.chain(*parts)
+  if frozen:
+    labels = jax.tree.map(lambda f: 'frozen' if f else 'trained', mask)
+    optimizer = optax.multi_transform({'trained': optimizer, 'frozen': optax.set_to_zero()}, labels)
   if accumulate > 1:
     optimizer = optax.MultiSteps(optimizer, every_k_schedule=accumulate)
   return optimizer, schedule

@@ -19,6 +19,7 @@ import optax
 
 from mkdm_jax import losses
 from mkdm_jax.models.factory import init_params
+from mkdm_jax.train import optim
 
 
 @flax.struct.dataclass
@@ -78,17 +79,24 @@ def make_loss_fn(model, config: losses.LossConfig, teacher_models=()):
 
 
 def make_train_step(model, optimizer, lr_schedule, config: losses.LossConfig, teacher_models=(),
-                    accumulate=1):
-  """A pure `train_step(state, batch, teacher_params) -> (state, measurements)`; jit it with donation."""
+                    accumulate=1, frozen=()):
+  """A pure `train_step(state, batch, teacher_params) -> (state, measurements)`; jit it with donation.
+
+  frozen: names of parameters that get no gradient (`optim.frozen_mask`; the optimiser must freeze them too).
+  """
   loss_fn = make_loss_fn(model, config, teacher_models)
 
   def train_step(state, batch, teacher_params=()):
     rng = jax.random.fold_in(state.rng, state.step)
-    (loss, measurements), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    mask = optim.frozen_mask(state.params, frozen)
+    # stop_gradient: a frozen table's (dense) gradient is never built; its zeros are dropped by the optimiser.
+    loss_of = lambda p, *args: loss_fn(jax.tree.map(lambda x, f: jax.lax.stop_gradient(x) if f else x, p, mask),
+                                       *args)
+    (loss, measurements), grads = jax.value_and_grad(loss_of, has_aux=True)(
         state.params, batch, rng, state.step // accumulate, teacher_params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    measurements.update(loss=loss, grad_norm=optax.tree.norm(grads),
+    measurements.update(loss=loss, grad_norm=optax.tree.norm(optim.without_frozen(grads, mask)),
                         learning_rate=lr_schedule(state.step // accumulate))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), measurements
 
