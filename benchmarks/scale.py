@@ -9,7 +9,9 @@ runs in its own process, whose peak resident memory (its VmHWM) and throughput a
            data path, not model FLOPs) writes its logits on every shard to the store;
   train    --train_steps of TMKD stage 1 streamed from the corpus and its stored logits;
   train_memory  the same steps with the same rows, logits and batches held in memory (the in-memory path),
-           on the first --memory_rows rows (a full 10^6-row corpus in memory is what streaming avoids).
+           on the first --memory_rows rows (a full 10^6-row corpus in memory is what streaming avoids);
+  batches  the host side of `train` alone: the fit loop's batches of the same steps built with no model (ms per
+           batch: the epoch's order, token gathers from the shards, logit reads), to tell data from compute.
 Training throughput is the median of the fit loop's logged examples/s after the first log window (which
 holds the compilation). Goal (issue 18): peak memory of each stage at the largest size within 1.2x of the
 smallest, and streamed training within 10% of in-memory training. Record the JSON in BENCHMARKS.md.
@@ -99,8 +101,7 @@ def stage_score():
   model = tiny_model()
   store = LogitStore(pathlib.Path(FLAGS.corpus) / 'logits')
   predictions.score_corpus(model, tiny_params(model, 0), rows, store, 'teacher_0.corpus', store_manifest(rows),
-                           range(len(rows.shard_rows)), batch_size=FLAGS.eval_batch_size, buckets=(16, LENGTH),
-                           progress=False)
+                           range(len(rows.shard_rows)), batch_size=FLAGS.eval_batch_size, progress=False)
   return {'rows': len(rows)}
 
 
@@ -130,6 +131,27 @@ def stage_train(in_memory):
   logged = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   speeds = [r['examples_per_sec'] for r in logged if r['kind'] == 'train' and r['step'] > 50]
   return {'rows': len(data), 'examples_per_sec': statistics.median(speeds)}
+
+
+def stage_batches():
+  """Milliseconds per batch of the fit loop's batch stream over the streamed corpus (no model): the first batch
+  (it computes the epoch's order) apart from the rest."""
+  from mkdm_jax import train
+  from mkdm_jax.data import LogitStore, corpus
+  rows = corpus.CorpusRows(FLAGS.corpus, tokenizer(), LENGTH)
+  shards = LogitStore(pathlib.Path(FLAGS.corpus) / 'logits').read_shards('teacher_0.corpus', store_manifest(rows))
+  logits = corpus.CorpusLogits([[a for a, _ in shards]], rows.shard_rows)
+  cfg = train.TrainConfig(batch_size=FLAGS.batch_size, buckets=(16, LENGTH))
+  stream = train.loop.train_batches(rows, cfg, 0, train.loop.num_batches(rows, cfg.batch_size),
+                                    extra={'teacher_logits': logits})
+  start = time.perf_counter()
+  next(stream)
+  first = time.perf_counter() - start
+  start = time.perf_counter()
+  for _ in range(FLAGS.train_steps - 1):
+    next(stream)
+  return {'rows': len(rows), 'first_batch_ms': 1e3 * first,
+          'ms_per_batch': 1e3 * (time.perf_counter() - start) / (FLAGS.train_steps - 1)}
 
 
 def run_stage(stage, corpus_dir, source=None):
@@ -168,7 +190,7 @@ def main(argv):
     from mkdm_jax import allocator
     allocator.one_arena()  # as experiments/prepare.py (and run.py's --malloc=keep) run
     result = {'prepare': stage_prepare, 'score': stage_score, 'train': lambda: stage_train(False),
-              'train_memory': lambda: stage_train(True)}[FLAGS.stage]()
+              'train_memory': lambda: stage_train(True), 'batches': stage_batches}[FLAGS.stage]()
     print(json.dumps({**result, 'peak_rss_mb': round(peak_rss_mb(), 1)}))
     return
   from mkdm_jax import provenance
@@ -179,7 +201,7 @@ def main(argv):
             'train_steps': FLAGS.train_steps, 'rows_per_shard': FLAGS.rows_per_shard,
             'memory_rows': FLAGS.memory_rows, 'peak_rss_mb': {}, 'examples_per_sec': {}, 'seconds': {},
             'disk_bytes_per_pair': {'text': [], 'encoding': [], 'logits': []},
-            'train_memory_examples_per_sec': [], 'train_memory_peak_rss_mb': [],
+            'train_memory_examples_per_sec': [], 'train_memory_peak_rss_mb': [], 'batches': [],
             'command': ' '.join(sys.argv), 'machine': provenance.record()}
   for name in ('prepare', 'score', 'train'):
     for key in ('peak_rss_mb', 'examples_per_sec', 'seconds'):
@@ -188,9 +210,12 @@ def main(argv):
     corpus_dir = root / f'corpus-{pairs}'
     source = root / f'pairs-{pairs}.tsv'
     write_source(source, pairs)
-    for stage in ('prepare', 'score', 'train', 'train_memory'):
+    for stage in ('prepare', 'score', 'train', 'train_memory', 'batches'):
       result, seconds, rss = run_stage(stage, corpus_dir, source if stage == 'prepare' else None)
       print(f'{pairs} pairs, {stage}: {seconds:.1f} s, peak {rss:.0f} MB, {json.dumps(result)}', flush=True)
+      if stage == 'batches':
+        report['batches'].append({k: round(v, 3) for k, v in result.items() if k != 'rows'})
+        continue
       if stage == 'train_memory':
         report['train_memory_examples_per_sec'].append(round(result['examples_per_sec'], 1))
         report['train_memory_peak_rss_mb'].append(rss)

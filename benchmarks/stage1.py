@@ -8,7 +8,10 @@ scoring (JAX against PyTorch and ONNX Runtime), on bucketed SQuAD v1.1 train que
    on the first --rows pairs in the training order (shuffled windows sorted by length, bucketed). Every bucket
    shape is compiled first (compile_seconds), then --warmup steps run untimed and --steps timed steps run split
    over --rounds rounds, alternating with an fp32 GEMM (the matmul peak). pairs/s = real pairs / seconds;
-   MFU = model FLOPs/s (`train_step_flops`, on the padded tokens the step computes) / the GEMM median.
+   MFU = model FLOPs/s (`train_step_flops`, on the padded tokens the step computes) / the GEMM median. In the
+   same rounds: the step with frozen word embeddings (--freeze_word_embeddings; `frozen_embeddings_speedup` is
+   the median per-round ratio to the default step) and one layer's weight matmuls at the step's most common
+   shape (`dense_matmul_ceiling`: their FLOP rate over the GEMM's, what the step's MFU can reach at that size).
 2. Teachers (MPNet-base, MiniLM-L6) score the same pairs: JAX through the pipeline's `train.predict` (rows sorted
    by length, bucketed), PyTorch fp32 (transformers' sequence classifier with the same weights and head,
    inference_mode, SDPA where the model has it) and ONNX Runtime fp32 (the project's exporter) on the same
@@ -63,9 +66,9 @@ flags.DEFINE_enum('score_buckets', 'inference', ['inference', 'train'],
                   '--buckets (train; what the before run of 2026-12-06 used).')
 flags.DEFINE_string('before_json', None, "An earlier run's JSON whose stage1_pairs_per_sec fill this run's other "
                     'labels (e.g. the before run, beside an after run).')
-LABELS = ('before', 'after', 'after_frozen_embeddings')
-flags.DEFINE_enum('label', 'before', list(LABELS),
-                  'Key of this run in stage1_pairs_per_sec (after_frozen_embeddings: --freeze_word_embeddings on).')
+LABELS = ('before', 'after')
+flags.DEFINE_enum('label', 'before', list(LABELS), "Key of this run's default step in stage1_pairs_per_sec (its "
+                  'step with frozen word embeddings, timed alternately with it, is frozen_embeddings).')
 
 NUM_CLASSES, NUM_HEADS = speed.NUM_CLASSES, 3
 STAGE1_LOSS = losses.LossConfig(teacher_mode='per_head', alpha=1.0, temperature=2.0)  # soft labels only
@@ -91,6 +94,23 @@ def train_step_flops(config, batch, length):
   heads and MPNet's relative-position bias (an addition) are not counted.
   """
   return 3 * speed.model_flops(config, batch, length)
+
+
+FROZEN = '+frozen_embeddings'  # the same step with --freeze_word_embeddings
+
+
+def dense_matmuls(config, tokens):
+  """(callable, FLOPs) of one encoder layer's weight matmuls at `tokens` rows, forward and backward (x W, dY W^T,
+  X^T dY for the Q, K, V, output, FFN-in and FFN-out weights): the rate the step's dense part can reach on
+  these shapes, the ceiling of its MFU (the 1024^3 GEMM runs bigger, faster blocks)."""
+  d, f = config.hidden_size, config.intermediate_size
+  rng = np.random.default_rng(0)
+  shapes = [(d, d)] * 4 + [(d, f), (f, d)]
+  xs = [jnp.asarray(rng.normal(size=(tokens, a)), jnp.float32) for a, _ in shapes]
+  ws = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
+  dys = [jnp.asarray(rng.normal(size=(tokens, b)), jnp.float32) for _, b in shapes]
+  run = jax.jit(lambda xs, ws, dys: [(x @ w, dy @ w.T, x.T @ dy) for x, w, dy in zip(xs, ws, dys)])
+  return (lambda: run(xs, ws, dys)), sum(3 * 2 * tokens * a * b for a, b in shapes)
 
 
 def gemm(size):
@@ -165,25 +185,33 @@ def peer_batches(batch_list, names):
 def stage1(students, encoded, steps, warmup, rounds, batch_size, buckets, gemm_size):
   """Pairs/s and MFU of each student's stage-1 train step (module docstring, 1); `encoded[arch]`: its rows."""
   gemm_fn, gemm_flops = gemm(gemm_size)
-  fns, runs = {'gemm': gemm_fn}, {}
+  fns, runs, dense = {'gemm': gemm_fn}, {}, {}
   for arch in students:
     model, params = build_student(arch, FLAGS.tiny)
-    stepper = speed.Stepper(model, params, STAGE1_LOSS,
-                            frozen=('word_embeddings',) if FLAGS.label == 'after_frozen_embeddings' else ())
     batch_list = train_batches(encoded[arch], warmup + steps, batch_size, buckets)
-    start = time.perf_counter()
-    firsts = {b['input_ids'].shape[1]: b for b in reversed(batch_list)}  # the first batch of each bucket
-    for batch in firsts.values():  # compiles the step for every shape it will time
-      jax.block_until_ready(stepper(speed.device_batch(batch)))
-    compile_seconds = time.perf_counter() - start
     # interleaved() runs every callable once before its rounds: the first chunk is the warm-up.
     chunks = [batch_list[:warmup]] + [[batch_list[warmup + i] for i in idx]
                                       for idx in np.array_split(np.arange(steps), rounds)]
-    fns[arch] = lambda stepper=stepper, chunks=iter(chunks): [stepper(speed.device_batch(b)) for b in next(chunks)]
-    runs[arch] = (model.encoder, chunks[1:], compile_seconds)
+    for name, frozen in ((arch, ()), (f'{arch}{FROZEN}', ('word_embeddings',))):
+      stepper = speed.Stepper(model, params, STAGE1_LOSS, frozen=frozen)
+      start = time.perf_counter()
+      firsts = {b['input_ids'].shape[1]: b for b in reversed(batch_list)}  # the first batch of each bucket
+      for batch in firsts.values():  # compiles the step for every shape it will time
+        jax.block_until_ready(stepper(speed.device_batch(batch)))
+      compile_seconds = time.perf_counter() - start
+      fns[name] = lambda stepper=stepper, chunks=iter(chunks): [stepper(speed.device_batch(b)) for b in next(chunks)]
+      runs[name] = (model.encoder, chunks[1:], compile_seconds)
+    lengths = [b['input_ids'].shape[1] for b in batch_list]
+    tokens = batch_size * max(set(lengths), key=lengths.count)
+    fns[f'{arch}_dense'], flops = dense_matmuls(model.encoder, tokens)
+    dense[arch] = tokens, flops
   times = speed.interleaved(fns, rounds)
   peak = gemm_flops / np.asarray(times['gemm'])
   out = {'gemm_gflops_median': speed.median(peak) / 1e9, 'gemm_seconds': times['gemm']}
+  for arch, (tokens, flops) in dense.items():
+    out[f'{arch}_dense_matmuls'] = {
+        'tokens': tokens, 'gflop': flops / 1e9,
+        'of_gemm_peak': speed.median(flops / np.asarray(times[f'{arch}_dense']) / peak)}
   for arch, (cfg, chunks, compile_seconds) in runs.items():
     seconds = np.asarray(times[arch])
     pairs = np.array([sum(float(b['weight'].sum()) for b in c) for c in chunks])
@@ -192,7 +220,7 @@ def stage1(students, encoded, steps, warmup, rounds, batch_size, buckets, gemm_s
     padded = sum(b['input_ids'].size for c in chunks for b in c)
     real = sum(int(b['attention_mask'][b['weight'] > 0].sum()) for c in chunks for b in c)
     out[arch] = {
-        'checkpoint': 'random' if FLAGS.tiny else STUDENT_CHECKPOINTS[arch],
+        'checkpoint': 'random' if FLAGS.tiny else STUDENT_CHECKPOINTS[arch.removesuffix(FROZEN)],
         'shape': {'layers': cfg.num_layers, 'hidden': cfg.hidden_size, 'intermediate': cfg.intermediate_size,
                   'attention_heads': cfg.num_attention_heads, 'heads': NUM_HEADS},
         'batch_size': batch_size, 'warmup_steps': warmup, 'timed_steps': len(lengths),
@@ -205,6 +233,8 @@ def stage1(students, encoded, steps, warmup, rounds, batch_size, buckets, gemm_s
         'mfu': float(flops.sum() / seconds.sum()) / (out['gemm_gflops_median'] * 1e9),
         'mfu_per_round': (flops / seconds / peak).tolist(),
         'pairs_per_sec_per_round': (pairs / seconds).tolist(), 'seconds': seconds.tolist()}
+    if arch.endswith(FROZEN):  # per-round speed-up over the default step, alternating with it
+      out[arch]['speedup_over_default'] = speed.pair_ratio(times[arch.removesuffix(FROZEN)], times[arch])
     print(f"  {arch}: {out[arch]['pairs_per_sec']:.1f} pairs/s, MFU {out[arch]['mfu']:.3f} "
           f"(GEMM {out['gemm_gflops_median']:.0f} GFLOP/s), compile {compile_seconds:.1f} s", flush=True)
   return out
@@ -321,8 +351,10 @@ def main(argv):
   before = json.loads(pathlib.Path(FLAGS.before_json).read_text()) if FLAGS.before_json else {}
   result['before_json'] = FLAGS.before_json
   result['stage1_pairs_per_sec'] = {
-      s: {k: train[s]['pairs_per_sec'] if k == FLAGS.label else before.get('stage1_pairs_per_sec', {}).get(s, {}).get(k)
-          for k in LABELS} for s in FLAGS.students}
+      s: {**{k: train[s]['pairs_per_sec'] if k == FLAGS.label else before.get('stage1_pairs_per_sec', {}).get(s, {}).get(k)
+             for k in LABELS}, 'frozen_embeddings': train[s + FROZEN]['pairs_per_sec']} for s in FLAGS.students}
+  result['frozen_embeddings_speedup'] = {s: train[s + FROZEN]['speedup_over_default'] for s in FLAGS.students}
+  result['dense_matmul_ceiling'] = {s: train[f'{s}_dense_matmuls']['of_gemm_peak'] for s in FLAGS.students}
 
   print(f'[{time.time() - started:.0f} s] 2. teacher scoring: JAX, PyTorch, ONNX Runtime', flush=True)
   score = {t: scoring(t, encoded[tokenizer_of(t)], FLAGS.rounds, FLAGS.score_batch_size, buckets, FLAGS.gemm_size)

@@ -102,6 +102,8 @@ def test_scale_smoke(tmp_path):
   # 2 float32 logits a pair, plus 8 bytes of row key, plus .npy headers and manifests.
   assert 16 < result['disk_bytes_per_pair']['logits'][1] < 40
   assert len(result['train_stream_vs_memory']) == 2 and all(positive(r) for r in result['train_stream_vs_memory'])
+  assert len(result['batches']) == 2 and all(positive(b['ms_per_batch']) and positive(b['first_batch_ms'])
+                                            for b in result['batches'])
   assert result['machine']['cpu_model']
 
 
