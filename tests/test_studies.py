@@ -245,11 +245,14 @@ def test_factor_tests_and_the_change_against_the_reference(tmp_path):
   assert (test['a'], test['b'], test['mean_difference'], 'change' in test) == ('mkdm', 'kd_single', 0.5, False)
   assert test['mean_a'] == pytest.approx(2.5 / 3) and test['mean_b'] == pytest.approx(1 / 3)
   np.testing.assert_array_equal(differences['mkdm', 'kd_single'].mean(0), [0.25, 0.5, 0.75])  # [seeds, questions]
-  reference = {('mkdm', 'kd_single'): np.array([[0.0, 0.25, 0.25]] * 2)}
+  np.testing.assert_array_equal(differences['mkdm'], summaries.question_scores(found, 'bert1_mkdm', 'map').mean(0)[None])
+  reference = {('mkdm', 'kd_single'): np.array([[0.0, 0.25, 0.25]] * 2), 'mkdm': np.zeros((2, 3))}
   for seeds_random in (False, True):
     (moved,), _ = summaries.factor_tests(study, found, pairs, reference, seeds_random=seeds_random)
     # Per question (A - B) - (A - B)_reference = [0.25, 0.25, 0.5].
     assert moved['change']['mean_difference'] == pytest.approx(1 / 3)
+    # mkdm's own score against the reference's zeros: its mean; kd_single has no reference scores here.
+    assert moved['change_a']['mean_difference'] == pytest.approx(2.5 / 3) and 'change_b' not in moved
 
 
 def test_sweep_scores_by_method_or_by_row_name():
@@ -276,13 +279,15 @@ def test_tables_format_the_numbers():
                  {'name': 'alpha=0.9', 'flags': ['--alpha=0.9'], 'seeds': 2, 'teacher_disagreement': 0.125, 'pairs': [
                      {'a': 'mkdm', 'b': 'kd_single', 'mean_a': 0.75, 'mean_b': 0.5, 'mean_difference': 0.25,
                       'ci_low': 0.125, 'ci_high': 0.375, 'p_value': 0.03,
-                      'change': {'mean_difference': -0.0625, 'ci_low': -0.125, 'ci_high': 0.0, 'p_value': 0.5}}]}]}
+                      'change': {'mean_difference': -0.0625, 'ci_low': -0.125, 'ci_high': 0.0, 'p_value': 0.5},
+                      'change_a': {'mean_difference': 0.125, 'ci_low': 0.0, 'ci_high': 0.25, 'p_value': 0.06}}]}]}
   text = tables.factors_markdown(factors)
   assert ('| reference | `-` | 2 | 0.1250 | mkdm | kd_single | 0.7500 | 0.5000 | +0.2500 [+0.1250, +0.3750] '
           '| - | - |') in text
   assert '| alpha=0.9 | `--alpha=0.9` | 2 | 0.1250 | mkdm | kd_single | 0.7500 | 0.5000 | +0.2500 [+0.1250, ' \
          '+0.3750] | -0.0625 [-0.1250, +0.0000] | 0.5000 |' in text
   assert text.endswith('Not run yet (no records): `T=4`.\n') and 'commit 0123456789ab.' in text
+  assert '| alpha=0.9 | mkdm | +0.1250 [+0.0000, +0.2500] | 0.0600 |' in text
   ablation = {'metric': 'map', 'task': 'wikiqa', 'split': 'test', 'base_flagfile': 'b.flags', 'extra_flags': [],
               'sweeps': [{'flag': 'alpha', 'shares_teachers': True, 'columns': ['kd_single', 'mkdm'],
                           'variants': [{'value': '0.1', 'scores': {'mkdm': 0.5}}]}]}

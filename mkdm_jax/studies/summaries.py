@@ -88,8 +88,10 @@ def paired_tests(pairs, students, records, metric, seeds_random=True) -> list[di
 
 def factor_tests(study, records, pairs, reference=None, seeds_random=True):
   """A factor variant's tests from its study report: per pair (a, b) whose methods it ran, both methods' means and
-  a - b (`pair_test`), and against `reference` ({pair: the reference variant's a - b per seed and question, seeds
-  in the same order}) the change of a - b. Returns (tests, {pair: this variant's a - b per seed and question})."""
+  a - b (`pair_test`), and against `reference` (the second value this returns for the reference variant) the
+  change of a - b and of each method's own score (`change_a`, `change_b`: the variant's method minus the
+  reference's, per seed and question). Returns (tests, {pair: this variant's a - b, method: its scores}, per
+  seed and question, seeds in the same order)."""
   (student,), metric = study['students'], study['metric']
   means = {r['name']: r['metrics'][metric]['mean'] for r in study['summary']}
   tests, differences = [], {}
@@ -98,12 +100,14 @@ def factor_tests(study, records, pairs, reference=None, seeds_random=True):
       continue
     x, y = question_scores(records, f'{student}_{a}', metric), question_scores(records, f'{student}_{b}', metric)
     # Seeds fixed: the seed-averaged difference, as one row (the reports before 2026-12-06 computed it so).
-    differences[a, b] = x - y if seeds_random else (x.mean(0) - y.mean(0))[None]
+    per_seed = (lambda s: s) if seeds_random else (lambda s: s.mean(0)[None])
+    differences[a, b], differences[a], differences[b] = per_seed(x - y), per_seed(x), per_seed(y)
     test = {'a': a, 'b': b, 'mean_a': means[f'{student}_{a}'], 'mean_b': means[f'{student}_{b}'],
             **{k: v for k, v in pair_test(x, y, seeds_random).items() if k != 'mde'}}
-    if reference is not None and (a, b) in reference:
-      change = pair_test(differences[a, b], reference[a, b], seeds_random)
-      test['change'] = {k: v for k, v in change.items() if k != 'mde'}
+    for key, name in (((a, b), 'change'), (a, 'change_a'), (b, 'change_b')):
+      if reference is not None and key in reference:
+        change = pair_test(differences[key], reference[key], seeds_random)
+        test[name] = {k: v for k, v in change.items() if k != 'mde'}
     tests.append(test)
   return tests, differences
 

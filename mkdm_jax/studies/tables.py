@@ -75,6 +75,13 @@ def factors_markdown(report) -> str:
       lines.append(f"| {v['name']} | `{' '.join(v['flags']) or '-'}` | {v['seeds']} | "
                    f"{v['teacher_disagreement']:.4f} | {t['a']} | {t['b']} | {t['mean_a']:.4f} | {t['mean_b']:.4f} | "
                    f"{interval(t)} | " + (f"{interval(change)} | {change['p_value']:.4f} |" if change else '- | - |'))
+  effects = {(v['name'], t[m]): t[f'change_{side}'] for v in report['variants'] for t in v['pairs']
+             for side, m in (('a', 'a'), ('b', 'b')) if f'change_{side}' in t}
+  if effects:
+    lines += ['', "Each method's own score, the variant's minus the reference's (same seeds, per question):", '',
+              '| variant | method | change vs reference [95% CI] | p |', '|---|---|---|---|']
+    lines += [f'| {name} | {method} | {interval(change)} | {change["p_value"]:.4f} |'
+              for (name, method), change in effects.items()]
   if report['not_run']:
     lines += ['', 'Not run yet (no records): ' + ', '.join(f'`{name}`' for name in report['not_run']) + '.']
   return '\n'.join(lines) + '\n'
