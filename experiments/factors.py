@@ -43,6 +43,9 @@ flags.DEFINE_bool('seeds_random', True, 'Tests resample seeds and questions (two
 flags.DEFINE_bool('report_only', False, 'Train nothing: report the records found (variants without any '
                   'are listed as not run).')
 
+flags.DEFINE_bool('allow_dirty', False, 'Run from a work tree with uncommitted changes, storing its diff (git diff '
+                  'HEAD) in each new record; without it such a tree is refused before any run.')
+
 flags.mark_flags_as_required(['base_flagfile', 'workdir'])
 
 
@@ -76,7 +79,8 @@ def main(argv):
   factor_variants = variants.factor_variants(
       FLAGS.base_flagfile, extra, parse_variants(FLAGS.variant), student=FLAGS.student,
       seeds=variants.parse_seeds(FLAGS.seeds), root=root, records=records_dir,
-      pairs=variants.parse_pairs(FLAGS.pair, 'pair'), metric=FLAGS.metric, seeds_random=FLAGS.seeds_random)
+      pairs=variants.parse_pairs(FLAGS.pair, 'pair'), metric=FLAGS.metric, seeds_random=FLAGS.seeds_random,
+      allow_dirty=FLAGS.allow_dirty)
   report = sweeps.run_factors(factor_variants, flagfile=FLAGS.base_flagfile, flags=extra, root=root,
                               report_only=FLAGS.report_only)
   print(tables.factors_markdown(report))

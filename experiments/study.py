@@ -50,13 +50,17 @@ flags.DEFINE_bool('seeds_random', True, 'Paired tests resample seeds and questio
                   'variance in the intervals); --noseeds_random averages each question over the seeds and resamples '
                   'questions only (the reports made before 2026-12-06).')
 
+flags.DEFINE_bool('allow_dirty', False, 'Run from a work tree with uncommitted changes, storing its diff (git diff '
+                  'HEAD) in each new record; without it such a tree is refused before any run.')
+
 flags.mark_flags_as_required(['base_flagfile', 'workdir'])
 
 
 def main(argv):
   study = variants.study(FLAGS.base_flagfile, argv[1:], seeds=variants.parse_seeds(FLAGS.seeds),
                          root=FLAGS.workdir, records=FLAGS.records or f'{FLAGS.workdir}/records',
-                         pairs=variants.parse_pairs(FLAGS.pairs), metric=FLAGS.metric, seeds_random=FLAGS.seeds_random)
+                         pairs=variants.parse_pairs(FLAGS.pairs), metric=FLAGS.metric, seeds_random=FLAGS.seeds_random,
+                         allow_dirty=FLAGS.allow_dirty)
   report, _ = sweeps.run_study(study, FLAGS.report_only)
   print(tables.study_markdown(report))
 

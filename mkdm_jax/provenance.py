@@ -19,7 +19,10 @@ def cpu_model() -> str:
   return names[0] if names else 'unknown'
 
 
-def git_commit(repo=Path(__file__).resolve().parents[1]) -> str:
+REPO = Path(__file__).resolve().parents[1]
+
+
+def git_commit(repo=REPO) -> str:
   """The checked-out commit of the repository (with '+dirty' when files differ), or 'unknown'."""
   try:
     commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=repo, capture_output=True, text=True,
@@ -29,6 +32,11 @@ def git_commit(repo=Path(__file__).resolve().parents[1]) -> str:
   except (OSError, subprocess.SubprocessError):
     return 'unknown'
   return (commit + ('+dirty' if dirty else '')) if commit else 'unknown'
+
+
+def git_diff(repo=REPO) -> str:
+  """`git diff HEAD` of the repository's tracked files (what '+dirty' in git_commit stands for)."""
+  return subprocess.run(['git', 'diff', 'HEAD'], cwd=repo, capture_output=True, text=True, timeout=30).stdout
 
 
 def versions() -> dict:

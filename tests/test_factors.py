@@ -17,8 +17,9 @@ pytestmark = pytest.mark.slow  # every test starts factors.py, and the variants 
 
 
 def run_factors(*args):
-  return subprocess.run([sys.executable, str(REPO / 'experiments' / 'factors.py'), *args], capture_output=True,
-                        text=True, cwd=REPO, timeout=900, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  # --allow_dirty: these runs work from a developer's modified tree too (test_studies checks the refusal).
+  return subprocess.run([sys.executable, str(REPO / 'experiments' / 'factors.py'), '--allow_dirty', *args],
+                        capture_output=True, text=True, cwd=REPO, timeout=900, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
 
 
 def test_variants_and_the_change_of_the_difference(tmp_path, xla_cache):

@@ -20,7 +20,8 @@ QUESTION_AP = {'student_scratch': ([0.5, 1.0, 0.25], [0.5, 1.0, 0.25]),
                'kd_single': ([0.5, 0.25, 0.25], [0.5, 0.25, 0.25]),
                'mkdm': ([0.5, 0.75, 1.0], [1.0, 0.75, 1.0])}
 TEACHERS = [{'name': 'teacher_0', 'method': 'teacher', 'student': None, 'metrics': {'map': 0.9, 'mrr': 0.95},
-             'dev_metrics': {'map': 0.8, 'mrr': 0.85}, 'train_seconds': None, 'pretrain_seconds': None}]
+             'dev_metrics': {'map': 0.8, 'mrr': 0.85}, 'head_metrics': None, 'combine_weights': None,
+             'train_seconds': None, 'pretrain_seconds': None}]
 DIVERSITY = {'dev': {'disagreement': 0.125, 'symmetric_kl': 0.25}}
 PROVENANCE = {'commit': '0123456789abcdef', 'cpu_model': 'test cpu', 'backend': 'cpu', 'date': '2026-01-01T00:00:00'}
 
@@ -30,8 +31,9 @@ def base_config(**changes):
 
 
 def a_study(tmp_path, cfg=None, pairs=(('mkdm', 'kd_single'), ('mkdm', 'student_scratch')), seeds=(0, 1)):
+  # allow_dirty: these tests run in a developer's modified tree too (test_a_modified_tree_* checks the refusal).
   return variants.Study(cfg or base_config(), seeds, tmp_path / 'study', tmp_path / 'records', pairs, 'map',
-                        'base.flags', ('--students=bert1',))
+                        'base.flags', ('--students=bert1',), allow_dirty=True)
 
 
 def a_record(run, teachers=TEACHERS):
@@ -180,14 +182,45 @@ def test_make_record_scores_each_question_aligned_by_row_id(tmp_path):
   np.savez(tmp_path / 'eval' / 'probabilities.npz', **{'eval/ids': examples.ids[order],
                                                         'eval/bert1_mkdm': probs[order]})
   results = {'rows': [{**TEACHERS[0], 'extra': 1}], 'provenance': PROVENANCE, 'teacher_diversity': DIVERSITY}
-  record = records.make_record(run, results, examples)
+  record = records.make_record(run, results, examples, {'commit_at_start': 'abc'})
   assert (record['student'], record['seed'], record['questions']) == ('bert1', 1, ['q0', 'q1'])
+  assert record['commit_at_start'] == 'abc' and 'extra' not in record['rows'][0]
   # q0: the positive ranks first (AP 1, RR 1); q1: second, after row 12 (AP 1/2, RR 1/2).
   assert record['question_scores'] == {'map': {'bert1_mkdm': [1.0, 0.5]}, 'mrr': {'bert1_mkdm': [1.0, 0.5]}}
   assert record['rows'] == TEACHERS and record['settings'] == records.run_settings(run)
   examples.ids = np.array([10, 11, 12, 13, 14, 99])
   with pytest.raises(UserError, match='not the eval split'):
-    records.make_record(run, results, examples)
+    records.make_record(run, results, examples, {'commit_at_start': 'abc'})
+
+
+def test_records_keep_per_head_metrics_and_combination_weights(tmp_path):
+  run = dataclasses.replace(base_config(), workdir=str(tmp_path))
+  examples = types.SimpleNamespace(ids=np.array([1, 2]), labels=np.array([1, 0]), groups=np.array([0, 0]),
+                                   group_names=['q0'])
+  (tmp_path / 'eval').mkdir()
+  np.savez(tmp_path / 'eval' / 'probabilities.npz', **{'eval/ids': examples.ids,
+                                                        'eval/bert1_mkdm': np.array([[0.1, 0.9], [0.9, 0.1]])})
+  row = {'name': 'bert1_mkdm', 'method': 'mkdm', 'student': 'bert1', 'metrics': {'map': 1.0},
+         'head_metrics': {'head0/map': 1.0, 'head1/map': 0.5}, 'combine_weights': [0.25, 0.75]}
+  record = records.make_record(run, {'rows': [row], 'provenance': PROVENANCE}, examples, {'commit_at_start': 'c'})
+  assert record['rows'][0]['head_metrics'] == {'head0/map': 1.0, 'head1/map': 0.5}
+  assert record['rows'][0]['combine_weights'] == [0.25, 0.75]
+
+
+def test_a_modified_tree_is_refused_before_any_run_or_its_diff_is_recorded(tmp_path, monkeypatch):
+  from mkdm_jax import provenance
+  monkeypatch.setattr(provenance, 'git_commit', lambda: 'abc+dirty')
+  monkeypatch.setattr(provenance, 'git_diff', lambda: 'diff --git a/x b/x')
+  calls = []
+  fake_runner(monkeypatch, calls)
+  with pytest.raises(UserError, match='uncommitted changes .*--allow_dirty'):
+    sweeps.run_study(dataclasses.replace(a_study(tmp_path), allow_dirty=False))
+  assert calls == [] and not (tmp_path / 'records').exists()
+  _, found = sweeps.run_study(a_study(tmp_path))
+  assert len(calls) == 2 and all(r['commit_at_start'] == 'abc+dirty' and r['diff'] == 'diff --git a/x b/x'
+                                 for r in found)
+  monkeypatch.setattr(provenance, 'git_commit', lambda: 'abc')
+  assert records.work_tree(allow_dirty=False) == {'commit_at_start': 'abc'}
 
 
 # Summaries and paired tests.
@@ -357,7 +390,7 @@ def test_factors_compare_each_variant_with_the_reference(tmp_path, monkeypatch):
   factor_variants = variants.factor_variants(
       flagfile, [], [('reference', []), ('alpha=0.9', ['--alpha=0.9']), ('T=4', ['--temperature=4'])],
       student='bert1', seeds=(0, 1), root=tmp_path / 'f', records=lambda i, name: tmp_path / 'records' / name,
-      pairs=(('mkdm', 'kd_single'),), metric='map')
+      pairs=(('mkdm', 'kd_single'),), metric='map', allow_dirty=True)
   for variant in factor_variants[:2]:
     write_records(variant.study)
   calls = []

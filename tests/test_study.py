@@ -20,8 +20,9 @@ pytestmark = pytest.mark.slow  # every test starts study.py, and the study train
 
 
 def run_study(*args):
-  return subprocess.run([sys.executable, str(REPO / 'experiments' / 'study.py'), *args], capture_output=True,
-                        text=True, cwd=REPO, timeout=900, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  # --allow_dirty: these runs work from a developer's modified tree too (test_studies checks the refusal).
+  return subprocess.run([sys.executable, str(REPO / 'experiments' / 'study.py'), '--allow_dirty', *args],
+                        capture_output=True, text=True, cwd=REPO, timeout=900, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
 
 
 @pytest.fixture(scope='module')

@@ -1,7 +1,8 @@
 """A study run's record: what one finished run (a student architecture and seed) keeps for the report.
 
-<records>/<arch>_seed<s>.json holds the run's settings, provenance, every row's metrics on eval and dev, and each
-evaluated question's AP and RR per row. Records are small and committed, so a study spans sessions and machines;
+<records>/<arch>_seed<s>.json holds the run's settings, provenance (and the commit its training started from, with
+the work tree's diff if it was modified), every row's metrics on eval and dev (per head too) and head combination
+weights, and each evaluated question's AP and RR per row. Records are small and committed, so a study spans sessions and machines;
 a record made with other settings than the study's is stale: reading it is an error that names them.
 """
 import dataclasses
@@ -10,13 +11,14 @@ import pathlib
 
 import numpy as np
 
-from mkdm_jax import context, saved_runs
+from mkdm_jax import context, paths, provenance, saved_runs
 from mkdm_jax.errors import UserError
 from mkdm_jax.metrics import average_precisions
 
 METRICS = ('map', 'mrr')  # the per-question scores: average precision, reciprocal rank
 NOT_COMPARED = ('workdir', 'shared_dir', 'progress', 'compilation_cache_dir')  # may differ between sessions
-ROW_FIELDS = ('name', 'method', 'student', 'metrics', 'dev_metrics', 'train_seconds', 'pretrain_seconds')
+ROW_FIELDS = ('name', 'method', 'student', 'metrics', 'dev_metrics', 'head_metrics', 'combine_weights',
+              'train_seconds', 'pretrain_seconds')
 
 
 def record_path(records_dir, student, seed) -> pathlib.Path:
@@ -53,13 +55,14 @@ def question_scores(path, examples):
   return scores, [examples.group_names[g] for g in groups]
 
 
-def make_record(cfg, results, examples) -> dict:
-  """The record of the finished run of `cfg` (one student architecture) from its results.json."""
+def make_record(cfg, results, examples, code) -> dict:
+  """The record of the finished run of `cfg` (one student architecture) from its results.json; `code`: the
+  commit the run started from ({'commit_at_start', and 'diff' of a modified work tree}, `work_tree`)."""
   (arch,) = cfg.students
   rows = [{k: r.get(k) for k in ROW_FIELDS} for r in results['rows']]
   scores, questions = question_scores(pathlib.Path(cfg.workdir) / 'eval' / 'probabilities.npz', examples)
   return {'student': arch, 'seed': cfg.student_seed, 'settings': run_settings(cfg),
-          'provenance': results['provenance'], 'rows': rows,
+          'provenance': results['provenance'], **code, 'rows': rows,
           'teacher_diversity': results.get('teacher_diversity', {}), 'questions': questions,
           'question_scores': scores}
 
@@ -84,9 +87,19 @@ def read_record(path, settings) -> dict:
   return record
 
 
+def work_tree(allow_dirty) -> dict:
+  """The code a run starts from: {'commit_at_start'}, plus the work tree's 'diff' (git diff HEAD) when it has
+  uncommitted changes, which are refused unless `allow_dirty`: a record must name the code that made it."""
+  commit = provenance.git_commit()
+  if not commit.endswith('+dirty'):
+    return {'commit_at_start': commit}
+  if not allow_dirty:
+    raise UserError('the work tree has uncommitted changes (git status): a record must name the code that made '
+                    'it. Commit them first, or pass --allow_dirty to store the diff in each record.')
+  return {'commit_at_start': commit, 'diff': provenance.git_diff()}
+
+
 def write_record(path, record):
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(json.dumps(record, indent=1))
-  tmp.replace(path)
+  paths.write_text_atomic(path, json.dumps(record, indent=1))

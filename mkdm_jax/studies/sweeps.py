@@ -31,6 +31,8 @@ def study_records(study: variants.Study, report_only):
   recorded = {path: records.read_record(path, records.run_settings(run))
               for run, path in zip(runs, paths) if path.exists()}
   to_run = not report_only and len(recorded) < len(runs)
+  if to_run:
+    records.work_tree(study.allow_dirty)  # a modified tree is refused before any run, not after the first
   examples = question_examples(study.cfg, study.metric) if to_run else None
   found, missing = [], []
   study.root.mkdir(parents=True, exist_ok=True)
@@ -43,7 +45,8 @@ def study_records(study: variants.Study, report_only):
       elif report_only:
         missing.append((run.students[0], run.student_seed))
       else:
-        found.append(records.make_record(run, runner.run_config(run, label), examples))
+        code = records.work_tree(study.allow_dirty)  # when the run starts: the tree may change while it trains
+        found.append(records.make_record(run, runner.run_config(run, label), examples, code))
         records.write_record(path, found[-1])
   return found, missing
 

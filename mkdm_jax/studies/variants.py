@@ -72,9 +72,11 @@ class Study:
   flagfile: str
   flags: tuple[str, ...]
   seeds_random: bool = True  # paired tests resample seeds as well as questions (mkdm_jax.studies.summaries)
+  allow_dirty: bool = False  # run from a modified work tree, storing its diff in each record
 
 
-def study(flagfile, flags, *, seeds, root, records, pairs, metric, tool='study.py', seeds_random=True) -> Study:
+def study(flagfile, flags, *, seeds, root, records, pairs, metric, tool='study.py', seeds_random=True,
+          allow_dirty=False) -> Study:
   """The study of run.py flagfile `flagfile` with `flags` over it (the flags given after `--`)."""
   if metric not in records_lib.METRICS:
     raise UserError(f'--metric={metric}: choose from {records_lib.METRICS}')
@@ -82,7 +84,7 @@ def study(flagfile, flags, *, seeds, root, records, pairs, metric, tool='study.p
   if not cfg.students:
     raise UserError('--students is empty: the study compares student methods; give at least one architecture')
   return Study(cfg, tuple(seeds), pathlib.Path(root).absolute(), pathlib.Path(records).absolute(), tuple(pairs),
-               metric, str(pathlib.Path(flagfile).absolute()), tuple(flags), seeds_random)
+               metric, str(pathlib.Path(flagfile).absolute()), tuple(flags), seeds_random, allow_dirty)
 
 
 def study_runs(s: Study) -> list[config.Config]:
@@ -99,13 +101,14 @@ class FactorVariant:
   study: Study
 
 
-def factor_variants(flagfile, flags, variants, *, student, seeds, root, records, pairs, metric, seeds_random=True):
+def factor_variants(flagfile, flags, variants, *, student, seeds, root, records, pairs, metric, seeds_random=True,
+                    allow_dirty=False):
   """One Study per (name, run.py flags) of `variants`, of `student` only, in <root>/<name> with its records in
   records(index, name): the base flags, then --students, then the variant's flags."""
   return [FactorVariant(name, tuple(variant_flags),
                         study(flagfile, [*flags, f'--students={student}', *variant_flags], seeds=seeds,
                               root=pathlib.Path(root) / name, records=records(i, name), pairs=pairs, metric=metric,
-                              tool='factors.py', seeds_random=seeds_random))
+                              tool='factors.py', seeds_random=seeds_random, allow_dirty=allow_dirty))
           for i, (name, variant_flags) in enumerate(variants)]
 
 
