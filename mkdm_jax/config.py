@@ -102,7 +102,8 @@ class Config:
   teacher_weighting: str = _setting(
       'uniform', 'Per-teacher weights w_t (methods with several teachers: per head in mkdm/tmkd, inside the '
       'target in kd_ensemble): uniform, fixed (--teacher_weights), or confidence (per example, the '
-      "teacher's max probability).", losses.TEACHER_WEIGHTINGS)
+      "teacher's max probability), or sample (CA-MKD: per labelled example, by each teacher's cross-entropy with the "
+      'gold label; not with two-stage methods, whose first stage has no labels).', losses.TEACHER_WEIGHTINGS)
   teacher_weights: tuple[float, ...] = _setting((), 'Fixed per-teacher weights (with --teacher_weighting=fixed).')
   ensemble_target: str = _setting(
       'probs', "kd_ensemble's target: 'probs', the mean of the teachers' distributions softened at T "
@@ -271,6 +272,9 @@ def validate(cfg: Config):
       (cfg.teacher_weighting == 'uniform' or weighted,
        f'--teacher_weighting={cfg.teacher_weighting} applies to methods with several teachers '
        f'({names(lambda m: m.weighs_teachers)}); --methods={",".join(cfg.methods)} has none'),
+      (cfg.teacher_weighting != 'sample' or not two_stage,
+       f'--teacher_weighting=sample weighs teachers by the gold label, which first-stage pairs lack: drop '
+       f'{", ".join(two_stage)} from --methods or choose another weighting'),
       # The averaged ensemble target.
       (cfg.ensemble_target == 'probs' or ensemble,
        f'--ensemble_target={cfg.ensemble_target} applies to ensemble-target methods '

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 SOFT_LOSSES = ('kl', 'ce', 'mse')
-TEACHER_WEIGHTINGS = ('uniform', 'fixed', 'confidence')
+TEACHER_WEIGHTINGS = ('uniform', 'fixed', 'confidence', 'sample')
 ENSEMBLE_TARGETS = ('probs', 'logits')
 TEACHER_MODES = ('none', 'per_head', 'ensemble')
 
@@ -53,11 +53,14 @@ def gold_loss(student_logits, labels):
   return jnp.where(labels[:, None] >= 0, ce, 0.0)
 
 
-def teacher_weights(teacher_logits, kind='uniform', fixed=None):
+def teacher_weights(teacher_logits, kind='uniform', fixed=None, labels=None):
   """Weights w_t, [B, H], summing to 1 over heads for every row.
 
   'uniform': 1/H; 'fixed': the given per-teacher weights, normalised; 'confidence': per example,
-  proportional to each teacher's max softmax probability (more confident teachers count more).
+  proportional to each teacher's max softmax probability (more confident teachers count more);
+  'sample' (CA-MKD's confidence weights, Zhang et al. 2022): per labelled example
+  w_t = (1 - exp(CE_t) / sum_k exp(CE_k)) / (H - 1), CE_t the cross-entropy of teacher t's T = 1 prediction with
+  the gold label: the better a teacher predicts the label, the more it counts. Rows without a label get 1/H.
   """
   batch, heads = teacher_logits.shape[:2]
   if kind == 'uniform':
@@ -68,6 +71,13 @@ def teacher_weights(teacher_logits, kind='uniform', fixed=None):
   if kind == 'confidence':
     confidence = jnp.max(jax.nn.softmax(teacher_logits, axis=-1), axis=-1)
     return confidence / jnp.sum(confidence, axis=-1, keepdims=True)
+  if kind == 'sample':
+    if labels is None or heads < 2:
+      raise ValueError("teacher weighting 'sample' needs the gold labels and at least two teachers")
+    log_probs = jax.nn.log_softmax(teacher_logits, axis=-1)  # [B, H, C]
+    cross_entropy = -jnp.take_along_axis(log_probs, jnp.maximum(labels, 0)[:, None, None], axis=-1)[..., 0]
+    w = (1.0 - jax.nn.softmax(cross_entropy, axis=-1)) / (heads - 1)
+    return jnp.where((labels >= 0)[:, None], w, 1.0 / heads)
   raise ValueError(f'teacher weighting must be one of {TEACHER_WEIGHTINGS}, got {kind!r}')
 
 
@@ -104,7 +114,7 @@ def mkdm_loss(student_logits, teacher_logits, labels, weight, *, alpha, temperat
     per_head = gold
     measurements = {}
   else:
-    w = teacher_weights(teacher_logits, weighting, fixed_weights)
+    w = teacher_weights(teacher_logits, weighting, fixed_weights, labels)
     soft_terms = soft_loss(student_logits, teacher_logits, temperature, soft)  # [B, H]
     # Unlabelled rows: the soft term alone carries the full weight.
     soft_coef = jnp.where(has_label > 0, alpha, 1.0)

@@ -143,3 +143,25 @@ def teacher_diversity(logits) -> dict[str, float]:
   kl = [np.mean(np.sum((np.exp(log_p[:, i]) - np.exp(log_p[:, j])) * (log_p[:, i] - log_p[:, j]), -1))
         for i, j in pairs]  # KL(p||q) + KL(q||p) = sum (p - q)(log p - log q)
   return {'disagreement': float(np.mean(disagree)), 'symmetric_kl': float(np.mean(kl))}
+
+
+def ranking_agreement(logits, groups) -> float:
+  """How alike K rankers rank each question's candidates, from their logits [N, K, C] (K >= 2): the mean over the
+  K(K-1)/2 pairs of the mean over questions of Kendall's tau-b (scipy) between the two rankers' scores (positive
+  minus negative logit) on the question's rows. Questions with fewer than two rows, or on which a ranker gives
+  every row one score, have no tau and are left out. 1: the same order everywhere; 0: unrelated orders."""
+  from scipy.stats import kendalltau
+  logits, groups = np.asarray(logits, np.float64), np.asarray(groups)
+  if logits.ndim != 3 or logits.shape[1] < 2 or logits.shape[2] != 2:
+    raise ValueError(f'need two-class logits [rows, rankers >= 2, 2], got shape {logits.shape}')
+  scores = logits[..., 1] - logits[..., 0]
+  order = np.argsort(groups, kind='stable')
+  questions = np.split(order, np.flatnonzero(np.diff(groups[order])) + 1)
+  questions = [rows for rows in questions if len(rows) >= 2]
+  pair_means = []
+  for i in range(scores.shape[1]):
+    for j in range(i + 1, scores.shape[1]):
+      taus = [kendalltau(scores[rows, i], scores[rows, j]).statistic for rows in questions]
+      taus = [t for t in taus if np.isfinite(t)]
+      pair_means.append(np.mean(taus) if taus else np.nan)
+  return float(np.nanmean(pair_means)) if np.isfinite(pair_means).any() else float('nan')

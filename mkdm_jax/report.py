@@ -117,6 +117,11 @@ def stage_evaluate(ctx: context.Context):
       saved_model.update_spec(directory, threshold=row['threshold'])
       heads = train.scores(out, ctx.examples['eval'], ctx.metrics, threshold=row['threshold'])
       row['head_metrics'] = {k: v for k, v in heads.items() if '/' in k}
+      if model.num_heads > 1 and dev is not None and ctx.examples['dev'].groups is not None:
+        # Collapse: heads that rank alike although their teachers do not (issue 31).
+        groups = ctx.examples['dev'].groups
+        row['head_agreement'] = metrics_lib.ranking_agreement(dev['head_logits'], groups)
+        row['teacher_agreement'] = metrics_lib.ranking_agreement(dev_logits, groups)
       rows.append(row)
   np.savez(out_dir / 'probabilities.npz', **{f'{d}/ids': ctx.examples[d].ids for d in ('eval', 'dev')
                                             if d in ctx.examples}, **saved)

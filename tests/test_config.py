@@ -34,3 +34,14 @@ def test_alpha_and_temperature_are_checked_by_the_loss_config_with_flag_names():
                                ('temperature_end', 0.0, '--temperature_end=0.0 must be > 0')):
     with pytest.raises(UserError, match=message):
       config.validate(config.Config(workdir='w', **{name: value}))
+
+
+def test_sample_weighting_is_refused_with_a_first_stage_and_kept_without_one():
+  """CA-MKD's weights need gold labels: a two-stage method's first stage has none."""
+  with pytest.raises(UserError, match='--teacher_weighting=sample weighs teachers by the gold label.*tmkd'):
+    config.validate(config.Config(workdir='w', methods=('mkdm', 'tmkd'), teacher_weighting='sample'))
+  cfg = config.Config(workdir='w', methods=('kd_single', 'mkdm', 'kd_ensemble'), teacher_weighting='sample')
+  config.validate(cfg)
+  from mkdm_jax import distill
+  assert distill.loss_config('mkdm', cfg).weighting == 'sample'
+  assert distill.loss_config('kd_single', cfg).weighting == 'uniform'  # one teacher: nothing to weight

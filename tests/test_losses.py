@@ -58,6 +58,32 @@ def test_fixed_and_confidence_weights():
   np.testing.assert_allclose(loss, np.mean(np.sum(w * soft, 1)), rtol=1e-5)
 
 
+def test_sample_weights_follow_each_teachers_cross_entropy_with_the_gold_label():
+  """CA-MKD's per-example weights by hand: teachers 0, 1, 2 give the gold class probabilities 0.9, 0.5 and 0.1
+  (CE -log p); w_t = (1 - exp(CE_t) / sum_k exp(CE_k)) / 2; an unlabelled row gets 1/3 each."""
+  p = np.array([0.9, 0.5, 0.1])
+  logits = np.stack([np.log(1 - p), np.log(p)], axis=-1)[None].repeat(2, 0).astype(np.float32)  # [2, 3, 2]
+  labels = np.array([1, -1], np.int32)
+  w = np.asarray(losses.teacher_weights(logits, 'sample', labels=labels))
+  inverse = 1 / p  # exp(CE_t) = 1 / p_t
+  expected = (1 - inverse / inverse.sum()) / 2
+  np.testing.assert_allclose(w[0], expected, rtol=1e-5)
+  assert w[0, 0] > w[0, 1] > w[0, 2]  # the teacher that predicts the label best counts most
+  np.testing.assert_allclose(w.sum(1), [1.0, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(w[1], [1 / 3] * 3, rtol=1e-6)
+  # The gold label 0 reverses the order.
+  w0 = np.asarray(losses.teacher_weights(logits[:1], 'sample', labels=np.array([0], np.int32)))
+  assert w0[0, 2] > w0[0, 1] > w0[0, 0]
+  # In the loss: the per-head soft terms weighted by them.
+  student = np.zeros((2, 3, 2), np.float32)
+  soft = np.sum(np_softmax(logits) * (np.log(np_softmax(logits)) - np.log(np_softmax(student))), -1)
+  loss, _ = losses.mkdm_loss(student, logits, labels, np.ones(2, np.float32), alpha=1.0, temperature=1.0,
+                             weighting='sample')
+  np.testing.assert_allclose(loss, np.mean(np.sum(w * soft, 1)), rtol=1e-5)
+  with pytest.raises(ValueError, match='needs the gold labels'):
+    losses.teacher_weights(logits, 'sample')
+
+
 def test_missing_labels_use_soft_term_only_and_padding_is_ignored():
   t, alpha = 1.0, 0.25
   labels = np.array([-1, 1], np.int32)

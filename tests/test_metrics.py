@@ -238,3 +238,20 @@ def test_teacher_diversity_by_hand():
   assert same == {'disagreement': 0.0, 'symmetric_kl': 0.0}
   with pytest.raises(ValueError, match='teachers >= 2'):
     metrics.teacher_diversity(logits[:, :1])
+
+
+def test_ranking_agreement_by_hand():
+  """Per question Kendall tau between rankers' scores (positive minus negative logit), averaged over questions,
+  then over ranker pairs; one-row questions and constant scores have no tau."""
+  to_logits = lambda scores: np.stack([np.zeros_like(scores), scores], axis=-1)  # score = logit 1 - logit 0
+  groups = np.array([0, 0, 0, 1, 1, 1, 2])
+  same = np.array([1.0, 2.0, 3.0, 3.0, 1.0, 2.0, 5.0])
+  reversed_in_q1 = np.array([1.0, 2.0, 3.0, 1.0, 3.0, 2.0, 0.0])  # q0: tau 1; q1: order 2,0,1 vs 0,2,1 -> tau -1
+  logits = to_logits(np.stack([same, same, reversed_in_q1], axis=1))  # [7, 3, 2]
+  # Pairs (0, 1): 1 and 1 -> 1; (0, 2) and (1, 2): q0 1, q1 -1 -> 0. Mean over pairs: 1/3.
+  assert metrics.ranking_agreement(logits, groups) == pytest.approx(1 / 3)
+  assert metrics.ranking_agreement(logits[:, :2], groups) == pytest.approx(1.0)
+  constant = to_logits(np.stack([same, np.ones(7)], axis=1))
+  assert np.isnan(metrics.ranking_agreement(constant, groups))  # no question has a tau
+  with pytest.raises(ValueError, match='two-class logits'):
+    metrics.ranking_agreement(logits[:, :1], groups)

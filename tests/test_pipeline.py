@@ -51,6 +51,9 @@ def test_results_json_content_with_every_method(ci_tiny_run):
   assert {f'head{h}/map' for h in range(3)} <= set(mkdm['head_metrics'])  # one head per teacher
   assert mkdm['combine_weights'] == pytest.approx([1 / 3] * 3)
   assert 'head0/map' not in next(r for r in rows if r['name'] == 'bert1_kd_single')['head_metrics']
+  # Head collapse on dev: Kendall tau of the heads' rankings beside the teachers' (multi-head students only).
+  assert -1 <= mkdm['head_agreement'] <= 1 and -1 <= mkdm['teacher_agreement'] <= 1
+  assert 'head_agreement' not in next(r for r in rows if r['name'] == 'bert1_kd_single')
   # Training wall time of every trained model (the cost table of a study); TMKD's stage 1 apart.
   assert all(r['train_seconds'] > 0 for r in rows if r['method'] != 'teacher_ensemble')
   tmkd = next(r for r in rows if r['name'] == 'bert1_tmkd')

@@ -11,7 +11,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from mkdm_jax import models, train
+from mkdm_jax import losses, models, train
 from mkdm_jax.train.optim import decay_mask, layerwise_scales, make_optimizer
 from mkdm_jax.losses import LossConfig
 from mkdm_jax.train.step import init_state, make_train_step
@@ -268,3 +268,24 @@ def test_frozen_word_embeddings_stay_and_the_other_parameters_train_as_before(la
       np.testing.assert_allclose(leaf, dict(jax.tree_util.tree_leaves_with_path(free_params))[path], rtol=0,
                                  atol=1e-7, err_msg=jax.tree_util.keystr(path))
   assert 0 < frozen_norm < free_norm
+
+
+def test_ensemble_target_uses_the_batch_labels_for_sample_weights():
+  """kd_ensemble with --teacher_weighting=sample: the step's loss is the KD loss against the ensemble target made
+  with CA-MKD's weights from the batch's gold labels (computed here by hand through losses)."""
+  from mkdm_jax.train.step import make_loss_fn
+  model = models.Classifier(TINY, num_classes=2)
+  batch = synthetic_batch(8)
+  batch['teacher_logits'] = np.random.default_rng(3).normal(size=(8, 3, 2)).astype(np.float32) * 3
+  params = init_state(model, make_optimizer(None, learning_rate=1e-3, total_steps=1)[0], jax.random.PRNGKey(0)).params
+  config = LossConfig(teacher_mode='ensemble', alpha=1.0, temperature=2.0, weighting='sample')
+  loss, _ = make_loss_fn(model, config)(params, batch, jax.random.PRNGKey(1), 0, ())
+  student = model.apply({'params': params}, batch['input_ids'], batch['token_type_ids'], batch['attention_mask'],
+                        deterministic=True)['head_logits']
+  weights = losses.teacher_weights(batch['teacher_logits'], 'sample', labels=batch['labels'])
+  target = losses.ensemble_target(batch['teacher_logits'], weights, 2.0)
+  expected, _ = losses.mkdm_loss(student, target, batch['labels'], batch['weight'], alpha=1.0, temperature=2.0)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  uniform, _ = make_loss_fn(model, LossConfig(teacher_mode='ensemble', alpha=1.0, temperature=2.0))(
+      params, batch, jax.random.PRNGKey(1), 0, ())
+  assert abs(float(uniform) - float(loss)) > 1e-4  # the weights changed the target

@@ -56,7 +56,7 @@ def make_loss_fn(model, config: losses.LossConfig, teacher_models=()):
     else:
       teacher_logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
       if config.teacher_mode == 'ensemble':
-        weights = losses.teacher_weights(teacher_logits, config.weighting, config.fixed_weights)
+        weights = losses.teacher_weights(teacher_logits, config.weighting, config.fixed_weights, batch['labels'])
         teacher_logits = losses.ensemble_target(teacher_logits, weights, temperature, config.ensemble_target)
         weighting = 'uniform'  # the teachers' weights are inside the one target
     loss, measurements = losses.mkdm_loss(
