@@ -124,6 +124,9 @@ class Config:
                                  'the epochs); the natural budget for a large streamed --unlabelled_corpus.')
   student_learning_rate: float = _setting(1e-4, 'BERT student learning rate.')
   bilstm_learning_rate: float = _setting(2e-3, 'BiLSTM student learning rate.')
+  head_layers: int = _setting(
+      0, "Per-teacher heads (mkdm, tmkd) of the transformer students' top k layers each, on a shared body of the "
+      'rest (0: linear heads on one pooled vector).')
   freeze_word_embeddings: bool = _setting(
       False, "Students' word-embedding tables stay as loaded: no gradient, optimiser state or weight decay (most "
       "of a small student's parameters: bert3's stage-1 step is faster; its accuracy cost is in BENCHMARKS.md).")
@@ -272,6 +275,15 @@ def validate(cfg: Config):
       (cfg.teacher_weighting == 'uniform' or weighted,
        f'--teacher_weighting={cfg.teacher_weighting} applies to methods with several teachers '
        f'({names(lambda m: m.weighs_teachers)}); --methods={",".join(cfg.methods)} has none'),
+      (cfg.head_layers >= 0, f'--head_layers={cfg.head_layers} must be >= 0'),
+      (not cfg.head_layers or distill.where(known, lambda m: m.heads == 'per_teacher'),
+       f'--head_layers={cfg.head_layers} gives per-teacher heads layers, and --methods has no method with them '
+       f"({names(lambda m: m.heads == 'per_teacher')})"),
+      (not cfg.head_layers or 'bilstm' not in cfg.students,
+       f'--head_layers={cfg.head_layers} applies to transformer students; drop bilstm from --students'),
+      (not cfg.head_layers or not aux,
+       f'--head_layers with {", ".join(aux)}: the intermediate-layer terms match whole layer stacks, and layer '
+       'heads split the top ones'),
       (cfg.teacher_weighting != 'sample' or not two_stage,
        f'--teacher_weighting=sample weighs teachers by the gold label, which first-stage pairs lack: drop '
        f'{", ".join(two_stage)} from --methods or choose another weighting'),

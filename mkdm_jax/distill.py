@@ -184,6 +184,7 @@ SETTINGS = {
     'bilstm_learning_rate': Setting('students', archs='bilstm'),
     'bilstm_hidden': Setting('students', archs='bilstm'),
     'freeze_word_embeddings': Setting('students'),
+    'head_layers': Setting('students', runs=lambda m, stage1: m.heads == 'per_teacher'),
     'num_teachers': _DISTILS,
     # A first stage saves the combination parameter too.
     'head_combine': Setting('students', runs=lambda m, stage1: m.heads == 'per_teacher'),

@@ -116,7 +116,8 @@ def _student_run(ctx, arch, run):
     model, params = factory.student(arch, distill.student_checkpoint(cfg.student_checkpoint, arch),
                                     ctx.task.num_classes, distill.num_heads(run, cfg.num_teachers), cfg.student_seed,
                                     config.model_options(cfg), combine=cfg.head_combine,
-                                    layers=None if arch == 'bilstm' else tuple(cfg.student_layers) or None)
+                                    layers=None if arch == 'bilstm' else tuple(cfg.student_layers) or None,
+                                    head_layers=cfg.head_layers if method.heads == 'per_teacher' else 0)
     if init_from is not None:
       params = train.load_final(init_from)[0]
     return model, params

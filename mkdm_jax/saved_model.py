@@ -34,6 +34,7 @@ def write_spec(directory, classifier: Classifier, *, tokenizer_dir, max_length, 
       encoder=encoder_kind(classifier.encoder),
       encoder_config=dataclasses.asdict(classifier.encoder),
       num_classes=classifier.num_classes, num_heads=classifier.num_heads, combine=classifier.combine,
+      head_layers=classifier.head_layers,
       dtype=jnp.dtype(classifier.dtype).name, tokenizer_dir=TOKENIZER_DIR, max_length=max_length, task=task,
       label_names=list(label_names), **extra)
   _write(directory, spec)
@@ -71,7 +72,7 @@ def classifier_from_spec(spec):
   config_cls = ENCODERS[spec['encoder']][0]
   return Classifier(config_cls(**spec['encoder_config']), num_classes=spec['num_classes'],
                     num_heads=spec['num_heads'], combine=spec['combine'],
-                    dtype=jnp.dtype(spec.get('dtype', 'float32')))
+                    dtype=jnp.dtype(spec.get('dtype', 'float32')), head_layers=spec.get('head_layers', 0))
 
 
 def load(directory):

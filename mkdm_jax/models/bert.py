@@ -268,21 +268,33 @@ class BertEmbeddings(nn.Module):
     return Dropout(cfg.hidden_dropout)(x, deterministic)
 
 
-def layers_and_pooler(cfg, dtype, x, mask, deterministic, bias=None):
+def layers_and_pooler(cfg, dtype, x, mask, deterministic, bias=None, branch_layers=0, branches=1):
   """The encoder output dict of embedded tokens x [B*L, D]: `cfg.num_layers` BertLayers, tanh pooler.
 
   Call it inside an encoder's compact `__call__`: the layers and the pooler become the encoder's
   submodules 'layer_{i}' and 'pooler'. `bias` goes to every layer's attention scores.
+  With `branch_layers` = k > 0 the top k layers and the pooler are repeated in `branches` separate copies,
+  'branch{b}_layer_{i}' and 'branch{b}_pooler', on the shared bottom layers: 'pooled' is then [B, branches, D]
+  (one per head) and 'sequence', 'hidden_states' and 'attentions' are the shared body's.
   """
   unflatten = lambda t: t.reshape(*mask.shape, cfg.hidden_size)
   hidden_states, attentions = [unflatten(x)], []
-  for i in range(cfg.num_layers):
+  shared = cfg.num_layers - branch_layers
+  for i in range(shared):
     x, probs = BertLayer(cfg, dtype, name=f'layer_{i}')(x, mask, deterministic, bias)
     hidden_states.append(unflatten(x))
     attentions.append(probs)
-  x = unflatten(x)
-  pooled = jnp.tanh(_dense(cfg.hidden_size, dtype, 'pooler')(x[:, 0]))
-  return {'sequence': x, 'pooled': pooled, 'hidden_states': tuple(hidden_states),
+  pool = lambda t, name: jnp.tanh(_dense(cfg.hidden_size, dtype, name)(unflatten(t)[:, 0]))
+  if branch_layers:
+    pooled = []
+    for b in range(branches):
+      y = x
+      for i in range(shared, cfg.num_layers):
+        y, _ = BertLayer(cfg, dtype, name=f'branch{b}_layer_{i}')(y, mask, deterministic, bias)
+      pooled.append(pool(y, f'branch{b}_pooler'))
+    return {'sequence': unflatten(x), 'pooled': jnp.stack(pooled, axis=1), 'hidden_states': tuple(hidden_states),
+            'attentions': tuple(attentions)}
+  return {'sequence': unflatten(x), 'pooled': pool(x, 'pooler'), 'hidden_states': tuple(hidden_states),
           'attentions': tuple(attentions)}
 
 
@@ -297,6 +309,8 @@ class BertEncoder(nn.Module):
   """
   config: BertConfig
   dtype: Any = jnp.float32
+  branch_layers: int = 0  # top layers repeated per branch (layers_and_pooler)
+  branches: int = 1
 
   @nn.compact
   def __call__(self, input_ids, token_type_ids, attention_mask, *, deterministic=True):
@@ -306,4 +320,5 @@ class BertEncoder(nn.Module):
       positions = jnp.arange(input_ids.shape[1])[None, :]
     x = BertEmbeddings(self.config, self.dtype, name='embeddings')(input_ids, token_type_ids, positions,
                                                                    deterministic)
-    return layers_and_pooler(self.config, self.dtype, x, attention_mask.astype(bool), deterministic)
+    return layers_and_pooler(self.config, self.dtype, x, attention_mask.astype(bool), deterministic,
+                             branch_layers=self.branch_layers, branches=self.branches)

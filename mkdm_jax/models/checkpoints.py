@@ -220,6 +220,10 @@ def export_hf(out_dir, classifier: Classifier, params, tokenizer_dir=None, label
   if isinstance(classifier.encoder, BiLSTMConfig):
     raise UserError('export_hf: BiLSTM students have no Hugging Face equivalent; only transformer '
                     'classifiers can be exported.')
+  if classifier.head_layers:
+    raise UserError(f'export_hf: a student with layer heads (head_layers={classifier.head_layers}) has one layer '
+                    'stack per head, which a Hugging Face sequence classifier cannot hold; score it with '
+                    'experiments/score.py instead.')
   cfg = classifier.encoder
   if label_names is not None and len(label_names) != classifier.num_classes:
     raise UserError(f'export_hf: {len(label_names)} label_names for num_classes={classifier.num_classes}.')

@@ -31,6 +31,10 @@ class Classifier(nn.Module):
   over heads (param 'combine_weights', initialised uniform). `dtype` is the compute dtype; params
   are fp32 and the heads run in fp32.
 
+  head_layers = k > 0 (transformer encoders): each head has its own copy of the encoder's top k layers and pooler
+  on the shared bottom layers (CERBERUS-style layer heads; the heads can then rank differently), k = 0: linear
+  heads on one pooled vector.
+
   Returns {'head_logits': [B, H, C], 'logits': [B, C]} (fp32); with output_hidden_states and a
   transformer encoder also 'hidden_states' (embeddings, then each layer; in `dtype`) and 'attentions' (fp32).
   """
@@ -39,6 +43,7 @@ class Classifier(nn.Module):
   num_heads: int = 1
   combine: str = 'mean'
   dtype: Any = jnp.float32
+  head_layers: int = 0
 
   @property
   def padding_invariant(self) -> bool:
@@ -55,10 +60,14 @@ class Classifier(nn.Module):
       raise UserError(f'Classifier: num_heads={self.num_heads} and num_classes={self.num_classes} '
                       'must both be >= 1.')
     kind = encoder_kind(self.encoder)
-    enc = ENCODERS[kind][1](self.encoder, self.dtype, name='encoder')
+    if self.head_layers and (kind == 'bilstm' or not 0 < self.head_layers < self.encoder.num_layers):
+      raise UserError(f'Classifier: head_layers={self.head_layers} needs a transformer encoder with more layers '
+                      f'({kind}, {getattr(self.encoder, "num_layers", 0)} layers): the heads share the layers below.')
+    branches = dict(branch_layers=self.head_layers, branches=self.num_heads) if self.head_layers else {}
+    enc = ENCODERS[kind][1](self.encoder, self.dtype, name='encoder', **branches)
     dropout = self.encoder.dropout if kind == 'bilstm' else self.encoder.hidden_dropout
     out = enc(input_ids, token_type_ids, attention_mask, deterministic=deterministic)
-    x = Dropout(dropout)(out['pooled'], deterministic).astype(jnp.float32)
+    x = Dropout(dropout)(out['pooled'], deterministic).astype(jnp.float32)  # [B, D], or [B, H, D] per head
     head_logits = Heads(self.num_heads, self.num_classes, name='heads')(x)
     if self.combine == 'learned':
       w = nn.softmax(self.param('combine_weights', nn.initializers.zeros, (self.num_heads,)))
@@ -72,7 +81,8 @@ class Classifier(nn.Module):
 
 
 class Heads(nn.Module):
-  """`num_heads` linear heads as one kernel [H, D, C] and bias [H, C], applied with one einsum."""
+  """`num_heads` linear heads as one kernel [H, D, C] and bias [H, C], applied with one einsum (to one pooled
+  vector [B, D], or head h to its own [B, H, D] row h)."""
   num_heads: int
   num_classes: int
 
@@ -81,7 +91,7 @@ class Heads(nn.Module):
     kernel = self.param('kernel', nn.initializers.normal(0.02),
                         (self.num_heads, x.shape[-1], self.num_classes))
     bias = self.param('bias', nn.initializers.zeros, (self.num_heads, self.num_classes))
-    return jnp.einsum('bd,hdc->bhc', x, kernel) + bias
+    return jnp.einsum('bhd,hdc->bhc' if x.ndim == 3 else 'bd,hdc->bhc', x, kernel) + bias
 
 
 def combination_weights(classifier: Classifier, params):

@@ -113,17 +113,21 @@ def check_student(arch, checkpoint, options: ModelOptions, layers=None):
 
 
 def student(arch, checkpoint, num_classes, num_heads, seed, options: ModelOptions, combine='mean',
-            layers=None):
+            layers=None, head_layers=0):
   """A student classifier and its initial params.
 
   'bert<k>' / 'roberta<k>' / 'mpnet<k>': k layers of `checkpoint` (one of that kind), by default the
   bottom k, else the teacher `layers` (k ascending indices, e.g. (0, 4, 8) for DistilBERT's every-other-
   layer pick); for 'random' a random k-layer encoder of that kind. 'bilstm': a BiLSTM whose word
-  embeddings come from `checkpoint` (`layers` does not apply).
+  embeddings come from `checkpoint` (`layers` does not apply). `head_layers` > 0 (transformers): every head
+  gets its own copy of the top `head_layers` layers and the pooler, each starting from the same loaded weights.
   """
   kind, k, layers = check_student(arch, checkpoint, options, None if arch == 'bilstm' else layers)
   config, encoder_params = load_encoder(checkpoint, options)
   dtype = jnp.dtype(options.dtype)
+  if head_layers and (arch == 'bilstm' or not 0 < head_layers < k):
+    raise UserError(f'student {arch!r}: head_layers={head_layers} needs a transformer student with more layers '
+                    '(the heads share the layers below theirs)')
   if arch == 'bilstm':
     lstm = BiLSTMConfig(vocab_size=config.vocab_size, embed_dim=config.hidden_size,
                         hidden_size=options.bilstm_hidden)
@@ -136,5 +140,17 @@ def student(arch, checkpoint, num_classes, num_heads, seed, options: ModelOption
     config = random_config(options, kind, k)
   else:
     config, encoder_params = cut_layers(config, encoder_params, layers)
-  model = Classifier(config, num_classes, num_heads, combine, dtype)
+    if head_layers:
+      encoder_params = branched(encoder_params, config.num_layers, head_layers, num_heads)
+  model = Classifier(config, num_classes, num_heads, combine, dtype, head_layers)
   return model, host_init_params(model, seed, encoder_params)
+
+
+def branched(encoder_params, num_layers, head_layers, branches):
+  """Encoder params with the top `head_layers` layers and the pooler copied into each branch ('branch{b}_layer_{i}',
+  'branch{b}_pooler'; `bert.layers_and_pooler`) and removed from the shared stack."""
+  top = [f'layer_{i}' for i in range(num_layers - head_layers, num_layers)] + ['pooler']
+  out = {name: p for name, p in encoder_params.items() if name not in top}
+  for b in range(branches):
+    out.update({f'branch{b}_{name}': jax.tree.map(np.array, encoder_params[name]) for name in top})
+  return out

@@ -97,6 +97,8 @@ class MPNetEncoder(nn.Module):
   """MPNet encoder with HF pooler; call signature and outputs as `BertEncoder` (token_type_ids ignored)."""
   config: MPNetConfig
   dtype: Any = jnp.float32
+  branch_layers: int = 0  # top layers repeated per branch (bert.layers_and_pooler)
+  branches: int = 1
 
   @nn.compact
   def __call__(self, input_ids, token_type_ids, attention_mask, *, deterministic=True):
@@ -108,4 +110,5 @@ class MPNetEncoder(nn.Module):
     bias = nn.Embed(cfg.relative_attention_num_buckets, cfg.num_attention_heads,
                     embedding_init=nn.initializers.normal(0.02), name='relative_attention_bias')(buckets)
     bias = bias.transpose(2, 0, 1).astype(jnp.float32)  # [heads, L, L], shared by every example and layer
-    return layers_and_pooler(cfg, self.dtype, x, attention_mask.astype(bool), deterministic, bias)
+    return layers_and_pooler(cfg, self.dtype, x, attention_mask.astype(bool), deterministic, bias,
+                             branch_layers=self.branch_layers, branches=self.branches)
