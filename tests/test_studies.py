@@ -303,6 +303,21 @@ def test_sweep_scores_by_method_or_by_row_name():
 
 # Tables.
 
+def test_the_study_report_puts_head_agreement_beside_teacher_agreement(tmp_path):
+  found = [a_record(run) for run in variants.study_runs(a_study(tmp_path))]
+  for record, (heads, teachers) in zip(found, [(0.9, 0.5), (0.7, 0.5)]):
+    row = next(r for r in record['rows'] if r['name'] == 'bert1_mkdm')
+    row.update(head_agreement=heads, teacher_agreement=teachers)
+  summary = summaries.summarise(found, ['bert1'])
+  mkdm = next(r for r in summary if r['name'] == 'bert1_mkdm')
+  assert mkdm['head_agreement']['mean'] == pytest.approx(0.8) and mkdm['teacher_agreement'] == {'mean': 0.5, 'std': 0.0}
+  assert 'head_agreement' not in next(r for r in summary if r['name'] == 'bert1_kd_single')
+  report = {'task': 'wikiqa', 'split': 'test', 'seeds': [0, 1], 'base_flagfile': 'b.flags', 'extra_flags': [],
+            'provenance': PROVENANCE, 'students': ['bert1'], 'runs': [], 'missing': [], 'teacher_diversity': {},
+            'summary': summary, 'seeds_random': True, 'metric': 'map', 'tests': [], 'skipped_pairs': []}
+  assert '| bert1_mkdm | 0.8000 ± 0.1414 | 0.5000 ± 0.0000 |' in tables.study_markdown(report)
+
+
 def test_tables_format_the_numbers():
   factors = {'student': 'bert1', 'seeds': ['0', '1'], 'metric': 'map', 'base_flagfile': 'b.flags',
              'provenance': PROVENANCE, 'not_run': ['T=4'], 'variants': [

@@ -46,6 +46,9 @@ def summarise(records, students) -> list[dict]:
       for key in ('metrics', 'dev_metrics'):
         if rows[0][key] is not None:
           entry[key] = {m: mean_std([r[key][m] for r in rows]) for m in rows[0][key]}
+      for key in ('head_agreement', 'teacher_agreement'):  # multi-head rows of records made since 2026-12-06
+        if all(r.get(key) is not None for r in rows):
+          entry[key] = mean_std([r[key] for r in rows])
       summary.append(entry)
   return summary
 

@@ -29,6 +29,14 @@ def study_markdown(report) -> str:
   for r in summary:
     lines.append(f"| {r['name']} | {r['method']} | {r['student'] or '-'} | {r['seeds'] or '-'} | "
                  + ' | '.join(mean_std_cell(r['metrics'][n]) for n in names) + ' |')
+  collapse = [r for r in summary if 'head_agreement' in r]
+  if collapse:
+    lines += ['', '## Head agreement (dev): do the per-teacher heads rank like their teachers?', '',
+              "Mean per-question Kendall tau between each pair of heads' scores, beside the same between their "
+              'teachers (mean ± std over seeds); heads that agree more than their teachers have collapsed to one '
+              'ranking.', '', '| model | heads | teachers |', '|---|---|---|']
+    lines += [f"| {r['name']} | {mean_std_cell(r['head_agreement'])} | {mean_std_cell(r['teacher_agreement'])} |"
+              for r in collapse]
   if report.get('seeds_random'):
     lines += ['', f"## Paired tests: `{report['metric']}` per seed and question, seeds and questions random", '',
               "A - B over seeds and questions, with its 95% two-level bootstrap interval (seeds and questions both "
