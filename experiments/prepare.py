@@ -8,6 +8,12 @@ One streaming pass with bounded memory writes the rows' text, row keys and label
 rerun of the same command after a kill continues after the last complete shard; a rerun with other inputs
 or options into the same folder is refused. Unlabelled pairs need only the two text columns. Prints a JSON
 summary (rows, shards, sources with sha256, encodings, disk bytes per pair).
+
+--order_seed/--max_rows write a seeded, question-whole prefix instead (the rows are read into memory; corpora of
+one seed nest, for a stage-1 size curve), e.g. the first 100k SQuAD train pairs:
+
+  python experiments/prepare.py --input=../shared/data/squad/squad-v1.1-train-pairs.tsv.gz --text_a_col=question \
+      --text_b_col=sentence --group_col=qid --order_seed=0 --max_rows=100000 --output=corpora/squad-100k
 """
 import glob
 import json
@@ -38,6 +44,11 @@ flags.DEFINE_list('tokenizers', [], "Checkpoints whose tokenizers encode the cor
                   'others are added on demand by the logits stage.')
 flags.DEFINE_integer('max_length', 128, 'Max tokens per encoded pair (longest-first truncation).')
 flags.DEFINE_boolean('progress', True, 'Show progress bars.')
+flags.DEFINE_integer('order_seed', None, 'Write the questions (--group_col; else rows) in an order shuffled with this '
+                     'seed, each kept whole (the rows are then read into memory).')
+flags.DEFINE_integer('max_rows', None, 'With --order_seed: only the first questions holding this many rows (rounded '
+                     'up to whole questions). One seed with growing --max_rows gives nested corpora (each a prefix '
+                     'of the next): the stage-1 size curve.')
 
 for _name in ('input', 'output', 'text_a_col', 'text_b_col'):
   flags.mark_flag_as_required(_name)
@@ -69,7 +80,7 @@ def main(argv):
   tokenizers = {name: models.load_tokenizer(models.resolve_checkpoint(name)) for name in FLAGS.tokenizers}
   start = time.perf_counter()
   manifest = corpus.prepare(files, FLAGS.output, options, rows_per_shard=FLAGS.rows_per_shard,
-                            progress=FLAGS.progress)
+                            progress=FLAGS.progress, order_seed=FLAGS.order_seed, max_rows=FLAGS.max_rows)
   encodings = [{'tokenizer': name, 'max_length': FLAGS.max_length,
                 'folder': str(corpus.encode_corpus(FLAGS.output, tok, FLAGS.max_length, progress=FLAGS.progress))}
                for name, tok in tokenizers.items()]

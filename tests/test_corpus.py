@@ -137,6 +137,36 @@ def test_prepare_refuses_other_inputs_or_options_in_the_same_folder(tmp_path):
     corpus.prepare([other], tmp_path / 'corpus', OPTIONS, rows_per_shard=16, progress=False)
 
 
+def test_seeded_prefixes_keep_questions_whole_and_nest(tmp_path):
+  """order_seed: questions in a seeded order, each whole and in file order; growing max_rows gives nested corpora
+  (the stage-1 size curve), the full seeded corpus holds every row once."""
+  source = write_corpus_file(tmp_path / 'a.tsv', 70)
+  read = lambda folder: [row for shard in range(corpus.read_manifest(folder)['shards'])
+                         for row in corpus._text_records(folder / 'text', shard)]
+  sizes = {}
+  for max_rows in (10, 30, None):
+    folder = tmp_path / f'seeded-{max_rows}'
+    manifest = corpus.prepare([source], folder, OPTIONS, rows_per_shard=16, progress=False, order_seed=7,
+                              max_rows=max_rows)
+    sizes[max_rows] = read(folder)
+    assert manifest['rows'] == len(sizes[max_rows]) and manifest['order_seed'] == 7
+  small, middle, full = sizes[10], sizes[30], sizes[None]
+  assert full[:len(small)] == small and full[:len(middle)] == middle  # prefixes of one order
+  plain = corpus.prepare([source], tmp_path / 'plain', OPTIONS, rows_per_shard=16, progress=False)
+  in_file = read(tmp_path / 'plain')
+  assert sorted(map(str, full)) == sorted(map(str, in_file)) and full != in_file and plain['rows'] == 70
+  questions = [r[3] for r in small]
+  assert len(small) >= 10 and all(questions.count(q) == [r[3] for r in in_file].count(q) for q in set(questions))
+  assert len(small) - 10 < max(questions.count(q) for q in set(questions))  # rounded up to one whole question
+  for q in set(questions):  # each question's rows in file order
+    assert [r for r in small if r[3] == q] == [r for r in in_file if r[3] == q]
+  with pytest.raises(UserError, match='max_rows=5 takes a seeded prefix'):
+    corpus.prepare([source], tmp_path / 'bad', OPTIONS, progress=False, max_rows=5)
+  with pytest.raises(UserError, match='differ'):  # another seed into the same folder
+    corpus.prepare([source], tmp_path / 'seeded-10', OPTIONS, rows_per_shard=16, progress=False, order_seed=8,
+                   max_rows=10)
+
+
 def test_malformed_rows_name_file_and_line_or_are_counted(tmp_path):
   source = write_corpus_file(tmp_path / 'a.tsv', 20)
   lines = source.read_text().splitlines()

@@ -126,11 +126,31 @@ def _rows(sources, options: ReadOptions, report):
                    'skipped': stream.skipped})
 
 
-def prepare(sources, out_dir, options: ReadOptions, *, rows_per_shard=65536, progress=True) -> dict:
+def seeded_prefix(rows, seed, max_rows=None):
+  """The rows with their questions (groups; a row without one is its own) in the order of a permutation seeded by
+  `seed`, each question's rows together and in file order; with `max_rows`, the first questions holding at least
+  that many rows. The order depends on the seed alone, so a smaller `max_rows` is a prefix of a larger one."""
+  rows = list(rows)
+  first = {}  # group -> its rows' positions, groups in file order
+  for i, row in enumerate(rows):
+    first.setdefault(row[3] if row[3] is not None else ('row', i), []).append(i)
+  groups = list(first.values())
+  out = []
+  for g in np.random.default_rng(seed).permutation(len(groups)):
+    if max_rows is not None and len(out) >= max_rows:
+      break
+    out.extend(rows[i] for i in groups[g])
+  return out
+
+
+def prepare(sources, out_dir, options: ReadOptions, *, rows_per_shard=65536, progress=True, order_seed=None,
+            max_rows=None) -> dict:
   """Converts pair files into a corpus folder (see the module doc); returns its manifest.
 
   A rerun after a kill continues after the last complete shard; a finished corpus is left as it is. A
-  rerun with other sources or options is an error naming the difference (use a new folder).
+  rerun with other sources or options is an error naming the difference (use a new folder). With `order_seed`
+  the rows are held in memory and written in `seeded_prefix` order (questions shuffled, kept whole), cut after
+  `max_rows` rows rounded up to whole questions: corpora of one seed and growing sizes nest.
   """
   sources = [Path(p) for p in sources]
   if not sources:
@@ -138,8 +158,11 @@ def prepare(sources, out_dir, options: ReadOptions, *, rows_per_shard=65536, pro
   if rows_per_shard < 1:
     raise UserError(f'rows_per_shard must be at least 1, got {rows_per_shard}')
   out_dir = Path(out_dir)
+  if max_rows is not None and (order_seed is None or max_rows < 1):
+    raise UserError(f'max_rows={max_rows} takes a seeded prefix: it needs an order seed and at least one row')
   plan = {'version': FORMAT_VERSION, 'sources': [_source_identity(p) for p in sources],
-          'options': dataclasses.asdict(options), 'rows_per_shard': rows_per_shard}
+          'options': dataclasses.asdict(options), 'rows_per_shard': rows_per_shard,
+          **({'order_seed': order_seed, 'max_rows': max_rows} if order_seed is not None else {})}
   _check_plan(out_dir, plan)
   if (out_dir / MANIFEST).is_file():
     return read_manifest(out_dir)
@@ -149,10 +172,12 @@ def prepare(sources, out_dir, options: ReadOptions, *, rows_per_shard=65536, pro
   done = _finished_shards(text_dir, '.rows.npz')
   report = []
   rows = _rows(sources, options, report)
+  if order_seed is not None:
+    rows = iter(seeded_prefix(rows, order_seed, max_rows))
   resumed_rows = sum(1 for _ in itertools.islice(rows, done * rows_per_shard))  # written before a kill
   if done:
     log.info('%s: resuming after %d complete shards (%d rows)', out_dir, done, resumed_rows)
-  shard = done
+  shard, written = done, resumed_rows
   with tqdm(total=None, initial=resumed_rows, unit=' rows', desc=f'prepare {out_dir.name}',
             disable=not progress) as bar:
     while chunk := list(itertools.islice(rows, rows_per_shard)):
@@ -162,11 +187,11 @@ def prepare(sources, out_dir, options: ReadOptions, *, rows_per_shard=65536, pro
       _write_npz(text_dir / f'{name}.rows.npz', ids=np.array([r[4] for r in chunk], np.int64),
                  labels=np.array([r[2] for r in chunk], np.int8))
       shard += 1
+      written += len(chunk)
       bar.update(len(chunk))
-  total = sum(s['rows'] for s in report)
-  if total == 0:
+  if written == 0:
     raise UserError(f'{", ".join(map(str, sources))}: no valid data rows')
-  manifest = dict(plan, sources=report, rows=total, shards=shard)
+  manifest = dict(plan, sources=report, rows=written, shards=shard)
   _write_json(out_dir / MANIFEST, manifest)
   (out_dir / PLAN).unlink(missing_ok=True)
   return manifest
