@@ -53,6 +53,9 @@ class Config:
                                   '20,360 pairs).', ('all', 'with_both'))
   negatives_per_positive: int = _setting(0, 'Subsample training negatives to k per positive (0 = keep all).')
   unlabelled_extra: int = _setting(0, 'Extra synthetic question-passage pairs for TMKD stage 1.')
+  extra_eval: tuple[str, ...] = _setting(
+      (), 'Also evaluate every student on TASK:SPLIT[:MAX_ROWS] of a registered task (e.g. squad:dev:6000, an '
+      "out-of-domain check; whole questions kept): metrics in each student row's extra_metrics.")
   unlabelled_splits: tuple[str, ...] = _setting((), "More TMKD stage-1 pairs: TASK:SPLIT of a registered task "
                                                 "(e.g. qnli:dev, wikiqa:train), labels dropped, each pair once.")
   unlabelled_corpus: str = _setting('', 'A prepared corpus folder (experiments/prepare.py) streamed from disk as '
@@ -276,6 +279,7 @@ def validate(cfg: Config):
        f'--teacher_weighting={cfg.teacher_weighting} applies to methods with several teachers '
        f'({names(lambda m: m.weighs_teachers)}); --methods={",".join(cfg.methods)} has none'),
       (cfg.head_layers >= 0, f'--head_layers={cfg.head_layers} must be >= 0'),
+      (all(parse_extra_eval(spec) for spec in cfg.extra_eval), ''),
       (not cfg.head_layers or distill.where(known, lambda m: m.heads == 'per_teacher'),
        f'--head_layers={cfg.head_layers} gives per-teacher heads layers, and --methods has no method with them '
        f"({names(lambda m: m.heads == 'per_teacher')})"),
@@ -381,6 +385,16 @@ def model_options(cfg: Config) -> factory.ModelOptions:
   return factory.ModelOptions(dtype='bfloat16' if cfg.precision == 'bf16' else 'float32',
                               random_shape=tuple(cfg.random_bert), max_length=cfg.max_length,
                               bilstm_hidden=cfg.bilstm_hidden, allow_pickle=cfg.allow_pickle)
+
+
+def parse_extra_eval(spec: str) -> tuple[str, str, int]:
+  """(task, split, max rows; 0 = all) of an --extra_eval entry TASK:SPLIT[:MAX_ROWS]; UserError naming it."""
+  parts = spec.split(':')
+  named = sorted(t for t in data_lib.TASKS if t not in ('tsv', 'jsonl'))
+  if len(parts) not in (2, 3) or parts[0] not in named or (len(parts) == 3 and not parts[2].isdigit()):
+    raise UserError(f'--extra_eval: {spec!r}: expected TASK:SPLIT[:MAX_ROWS] with a registered task '
+                    f'({", ".join(named)}), e.g. squad:dev:6000')
+  return parts[0], parts[1], int(parts[2]) if len(parts) == 3 else 0
 
 
 def buckets_of(cfg: Config) -> tuple[int, ...]:

@@ -31,6 +31,7 @@ class Context:
   mesh: Any
   metrics: list
   primary: str
+  extra_eval: dict = dataclasses.field(default_factory=dict)  # --extra_eval name ('squad_dev') -> (task, Examples)
   encodings: dict = dataclasses.field(default_factory=dict)  # (tokenizer dir, dataset) -> Encoded
 
   def encoded(self, tokenizer_dir, dataset):
@@ -40,8 +41,9 @@ class Context:
     if key not in self.encodings and dataset == 'unlabelled' and self.cfg.unlabelled_corpus:
       self.encodings[key] = corpus_rows(self.cfg, load_tokenizer(tokenizer_dir))
     if key not in self.encodings:
-      self.encodings[key] = data_lib.encode(load_tokenizer(tokenizer_dir), self.examples[dataset],
-                                            self.cfg.max_length, cache_dir=self.shared / 'cache' / 'tokens')
+      rows = self.examples[dataset] if dataset in self.examples else self.extra_eval[dataset][1]
+      self.encodings[key] = data_lib.encode(load_tokenizer(tokenizer_dir), rows, self.cfg.max_length,
+                                            cache_dir=self.shared / 'cache' / 'tokens')
     return self.encodings[key]
 
   def student_dir(self, arch, method):
@@ -99,6 +101,17 @@ def load_unlabelled_split(cfg: config.Config, spec):
   return data_lib.load_split(task, split, cfg.data_dir, skip_bad_rows=cfg.skip_bad_rows)
 
 
+def load_extra_eval(cfg: config.Config):
+  """{TASK_SPLIT: (task, rows)} of --extra_eval's TASK:SPLIT[:MAX_ROWS] entries (students are evaluated on them
+  too)."""
+  out = {}
+  for spec in cfg.extra_eval:
+    task, split, max_rows = config.parse_extra_eval(spec)
+    out[f'{task}_{split}'] = task, data_lib.load_split(task, split, cfg.data_dir, skip_bad_rows=cfg.skip_bad_rows,
+                                                       max_rows=max_rows or None)
+  return out
+
+
 def load_examples(cfg: config.Config, task):
   """The train, unlabelled, dev and eval rows."""
   load = lambda split, max_rows: load_split_rows(cfg, split, max_rows)
@@ -139,7 +152,7 @@ def make_context(cfg: config.Config) -> Context:
   metric_names, primary = task.metrics_for(examples['eval'])
   return Context(cfg=cfg, workdir=workdir, shared=shared, task=task, buckets=config.buckets_of(cfg), examples=examples,
                  teachers=build_teachers(cfg, shared), mesh=train.make_mesh(cfg.fsdp), metrics=metric_names,
-                 primary=primary)
+                 primary=primary, extra_eval=load_extra_eval(cfg))
 
 
 def build_teachers(cfg: config.Config, shared: pathlib.Path):

@@ -196,7 +196,7 @@ SETTINGS = {
     **dict.fromkeys(('unlabelled_extra', 'unlabelled_splits', 'unlabelled_corpus', 'pretrain_epochs',
                      'pretrain_steps'), _TWO_STAGE),
     # Evaluation only.
-    **dict.fromkeys(('eval_split', 'eval_batch_size', 'speed_rows', 'speed_repeats'), _EVAL),
+    **dict.fromkeys(('eval_split', 'eval_batch_size', 'speed_rows', 'speed_repeats', 'extra_eval'), _EVAL),
     # Bookkeeping.
     **dict.fromkeys(('workdir', 'shared_dir', 'stages', 'methods', 'students', 'checkpoint_every', 'progress',
                      'profile_steps', 'compilation_cache_dir', 'fsdp', 'distributed', 'overwrite',

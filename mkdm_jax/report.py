@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from mkdm_jax import context, distill, provenance, saved_model, teacher_logits, train
+from mkdm_jax import data as data_lib
 from mkdm_jax import metrics as metrics_lib
 from mkdm_jax.errors import UserError
 from mkdm_jax.models import count_params
@@ -117,6 +118,11 @@ def stage_evaluate(ctx: context.Context):
       saved_model.update_spec(directory, threshold=row['threshold'])
       heads = train.scores(out, ctx.examples['eval'], ctx.metrics, threshold=row['threshold'])
       row['head_metrics'] = {k: v for k, v in heads.items() if '/' in k}
+      if ctx.extra_eval:  # out-of-domain sets (--extra_eval), at the dev-tuned threshold
+        row['extra_metrics'] = {
+            name: train.scores(predict(ctx, model, params, ctx.encoded(tokenizer_dir, name)), rows,
+                               data_lib.get_task(task).metrics_for(rows)[0], threshold=row['threshold'])
+            for name, (task, rows) in ctx.extra_eval.items()}
       if model.num_heads > 1 and dev is not None and ctx.examples['dev'].groups is not None:
         # Collapse: heads that rank alike although their teachers do not (issue 31).
         groups = ctx.examples['dev'].groups

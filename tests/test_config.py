@@ -45,3 +45,11 @@ def test_sample_weighting_is_refused_with_a_first_stage_and_kept_without_one():
   from mkdm_jax import distill
   assert distill.loss_config('mkdm', cfg).weighting == 'sample'
   assert distill.loss_config('kd_single', cfg).weighting == 'uniform'  # one teacher: nothing to weight
+
+
+def test_extra_eval_entries_are_parsed_or_named():
+  assert config.parse_extra_eval('squad:dev:6000') == ('squad', 'dev', 6000)
+  assert config.parse_extra_eval('qnli:dev') == ('qnli', 'dev', 0)
+  for bad in ('squad', 'nosuch:dev', 'squad:dev:many', 'tsv:dev'):
+    with pytest.raises(UserError, match=f"--extra_eval: '{bad}'"):
+      config.validate(config.Config(workdir='w', extra_eval=(bad,)))

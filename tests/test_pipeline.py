@@ -54,6 +54,12 @@ def test_results_json_content_with_every_method(ci_tiny_run):
   # Head collapse on dev: Kendall tau of the heads' rankings beside the teachers' (multi-head students only).
   assert -1 <= mkdm['head_agreement'] <= 1 and -1 <= mkdm['teacher_agreement'] <= 1
   assert 'head_agreement' not in next(r for r in rows if r['name'] == 'bert1_kd_single')
+  # --extra_eval=squad:dev:100: every student row has SQuAD dev metrics, the teachers' rows none.
+  for row in rows:
+    if row['student']:
+      assert 0 <= row['extra_metrics']['squad_dev']['map'] <= 1, row['name']
+    else:
+      assert 'extra_metrics' not in row
   # Training wall time of every trained model (the cost table of a study); TMKD's stage 1 apart.
   assert all(r['train_seconds'] > 0 for r in rows if r['method'] != 'teacher_ensemble')
   tmkd = next(r for r in rows if r['name'] == 'bert1_tmkd')
