@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import CI_TINY, REPO
 from mkdm_jax import stats
+from mkdm_jax.studies import records
 
 STUDY = ['--', '--methods=student_scratch,kd_single,mkdm', '--students=bert1', '--num_teachers=2']
 TESTED = [('mkdm', 'kd_single'), ('mkdm', 'student_scratch'), ('kd_single', 'student_scratch')]
@@ -52,8 +53,10 @@ def test_study_json_holds_every_seeds_results_and_their_mean_and_std(study):
   for seed, run, res in zip((0, 1), report['runs'], results):
     assert (run['student'], run['seed']) == ('bert1', seed) and res['config']['student_seed'] == seed
     assert res['config']['shared_dir'] == str(root / 'shared') and res['config']['students'] == ['bert1']
-    assert run['rows'] == [{k: r.get(k) for k in ('name', 'method', 'student', 'metrics', 'dev_metrics',
-                                                  'train_seconds', 'pretrain_seconds')} for r in res['rows']]
+    assert run['rows'] == [{k: r.get(k) for k in records.ROW_FIELDS} for r in res['rows']]
+    # Multi-head rows keep what the collapse analysis needs (per-head metrics, head and teacher agreement).
+    for row in (r for r in run['rows'] if r['method'] == 'mkdm'):
+      assert 'head0/map' in row['head_metrics'] and row['head_agreement'] is not None
     assert all(r['train_seconds'] > 0 for r in run['rows'] if r['student'])
     assert run['provenance'] == res['provenance']
   names = [r['name'] for r in results[0]['rows']]
