@@ -19,9 +19,9 @@ METHODS = ('student_scratch', 'kd_single', 'mkdm')
 QUESTION_AP = {'student_scratch': ([0.5, 1.0, 0.25], [0.5, 1.0, 0.25]),
                'kd_single': ([0.5, 0.25, 0.25], [0.5, 0.25, 0.25]),
                'mkdm': ([0.5, 0.75, 1.0], [1.0, 0.75, 1.0])}
-TEACHERS = [{'name': 'teacher_0', 'method': 'teacher', 'student': None, 'metrics': {'map': 0.9, 'mrr': 0.95},
-             'dev_metrics': {'map': 0.8, 'mrr': 0.85}, 'head_metrics': None, 'combine_weights': None,
-             'train_seconds': None, 'pretrain_seconds': None}]
+# A teacher's record row: every field a record keeps (records.ROW_FIELDS), most of them None.
+TEACHERS = [{**dict.fromkeys(records.ROW_FIELDS), 'name': 'teacher_0', 'method': 'teacher',
+             'metrics': {'map': 0.9, 'mrr': 0.95}, 'dev_metrics': {'map': 0.8, 'mrr': 0.85}}]
 DIVERSITY = {'dev': {'disagreement': 0.125, 'symmetric_kl': 0.25}}
 PROVENANCE = {'commit': '0123456789abcdef', 'cpu_model': 'test cpu', 'backend': 'cpu', 'date': '2026-01-01T00:00:00'}
 
