@@ -235,6 +235,8 @@ def validate(cfg: Config):
   names = lambda predicate: ', '.join(name for name, m in distill.METHODS.items() if predicate(m))
   no_two_stage = f'and --methods has no two-stage method ({names(lambda m: m.pretrain)})'
   aux = [f'--{name}_weight' for name in losses.AUX_TERMS if getattr(cfg, f'{name}_weight') > 0]
+  for spec in cfg.extra_eval:
+    parse_extra_eval(spec)  # a UserError naming a malformed entry
   checks = [
       (cfg.workdir is not None, '--workdir is required'),
       *((getattr(cfg, f.name) in f.metadata['choices'],
@@ -279,7 +281,6 @@ def validate(cfg: Config):
        f'--teacher_weighting={cfg.teacher_weighting} applies to methods with several teachers '
        f'({names(lambda m: m.weighs_teachers)}); --methods={",".join(cfg.methods)} has none'),
       (cfg.head_layers >= 0, f'--head_layers={cfg.head_layers} must be >= 0'),
-      (all(parse_extra_eval(spec) for spec in cfg.extra_eval), ''),
       (not cfg.head_layers or distill.where(known, lambda m: m.heads == 'per_teacher'),
        f'--head_layers={cfg.head_layers} gives per-teacher heads layers, and --methods has no method with them '
        f"({names(lambda m: m.heads == 'per_teacher')})"),
