@@ -100,8 +100,10 @@ def stage_score():
   rows = corpus.CorpusRows(FLAGS.corpus, tokenizer(), LENGTH)
   model = tiny_model()
   store = LogitStore(pathlib.Path(FLAGS.corpus) / 'logits')
-  predictions.score_corpus(model, tiny_params(model, 0), rows, store, 'teacher_0.corpus', store_manifest(rows),
-                           range(len(rows.shard_rows)), batch_size=FLAGS.eval_batch_size, progress=False)
+  count = len(rows.shard_rows)
+  for shard, logits in predictions.corpus_logits(model, tiny_params(model, 0), rows, range(count),
+                                                 batch_size=FLAGS.eval_batch_size, progress=False):
+    store.write('teacher_0.corpus', logits, rows.shard_ids(shard), store_manifest(rows), shard=shard, num_shards=count)
   return {'rows': len(rows)}
 
 

@@ -15,7 +15,12 @@ For each variant and each method pair of --pair whose methods it runs: both meth
 difference A - B with its 95% interval over questions (each question's score averaged over seeds first), the
 teachers' diversity on dev, and against the reference variant the change of the difference (per question:
 (A - B) in the variant minus (A - B) in the reference), with its interval and sign-flip p-value. Writes
-<workdir>/factors.json and <workdir>/factors.md. With --report_only, a variant other than the reference that has
+<workdir>/factors.json and <workdir>/factors.md. With --study_pairs, <workdir>/merged/ holds one study report of
+every variant's methods side by side (the reference's by name, another variant's as METHOD@VARIANT, e.g.
+mkdm@head_layers1), with seed-aware paired tests of those pairs across variants: a variant that runs only
+--methods=mkdm is then compared with the reference's kd_single directly. With --size_curve, <workdir>/curve.json and curve_<metric>.png
+give each method's metric against the stage-1 pairs of its variant's --unlabelled_corpus (0 for one-stage methods),
+e.g. --variant='100k:--unlabelled_corpus=corpora/squad-100000' --variant='436k:--unlabelled_corpus=corpora/squad-all'. With --report_only, a variant other than the reference that has
 no records yet is listed as not run, so a factor analysis spread over sessions can be reported as it lands.
 """
 import pathlib
@@ -40,6 +45,12 @@ flags.DEFINE_multi_string('variant', [], 'NAME:FLAGS, run.py flags separated by 
 flags.DEFINE_string('metric', 'map', 'Per-question score: map (average precision) or mrr (reciprocal rank).')
 flags.DEFINE_bool('seeds_random', True, 'Tests resample seeds and questions (two-level bootstrap); '
                   '--noseeds_random: questions only, seeds fixed (the reports made before 2026-12-06).')
+flags.DEFINE_list('study_pairs', [], 'Also write one study of every variant\'s methods side by side in '
+                  '<workdir>/merged (study.json, study.md, plot): the reference\'s methods by name, another variant\'s '
+                  'as METHOD@VARIANT, with paired tests of these A:B pairs, e.g. mkdm@head_layers1:kd_single.')
+flags.DEFINE_bool('size_curve', False, 'Also write the stage-1 size curve of variants that differ in '
+                  '--unlabelled_corpus: <workdir>/curve.json (per student and method, the metric against the '
+                  'corpus\'s pairs) and curve_<metric>.png.')
 flags.DEFINE_bool('report_only', False, 'Train nothing: report the records found (variants without any '
                   'are listed as not run).')
 
@@ -82,7 +93,9 @@ def main(argv):
       pairs=variants.parse_pairs(FLAGS.pair, 'pair'), metric=FLAGS.metric, seeds_random=FLAGS.seeds_random,
       allow_dirty=FLAGS.allow_dirty)
   report = sweeps.run_factors(factor_variants, flagfile=FLAGS.base_flagfile, flags=extra, root=root,
-                              report_only=FLAGS.report_only)
+                              report_only=FLAGS.report_only,
+                              study_pairs=variants.parse_pairs(FLAGS.study_pairs, 'study_pairs', known=False)
+                              if FLAGS.study_pairs else (), curve=FLAGS.size_curve)
   print(tables.factors_markdown(report))
 
 

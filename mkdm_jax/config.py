@@ -350,7 +350,8 @@ def _check_teachers(cfg, teachers):
     raise UserError(f'--teacher_checkpoints: {calibrated[0]} is calibrated on the dev split: give a --dev_split')
   if cfg.unlabelled_corpus and not all(t.scores_corpus for t in teachers):
     raise UserError(f'--unlabelled_corpus is scored by the teachers, and {", ".join(t.spec for t in teachers if not t.scores_corpus)} '
-                    'cannot label a prepared corpus (fine-tuned checkpoint teachers can)')
+                    'cannot label a prepared corpus (fine-tuned checkpoint teachers and scores files that hold the '
+                    "corpus's rows can)")
   if cfg.online_teachers:
     offline = [t.spec for t in teachers if not t.runs_online]
     if offline:

@@ -32,7 +32,7 @@ class Context:
   metrics: list
   primary: str
   extra_eval: dict = dataclasses.field(default_factory=dict)  # --extra_eval name ('squad_dev') -> (task, Examples)
-  encodings: dict = dataclasses.field(default_factory=dict)  # (tokenizer dir, dataset) -> Encoded
+  encodings: dict = dataclasses.field(default_factory=dict)  # (tokenizer dir, dataset) -> Encoded; the corpus index
 
   def encoded(self, tokenizer_dir, dataset):
     """`dataset` encoded with a model's tokenizer (once per tokenizer; cached on disk too); with
@@ -45,6 +45,15 @@ class Context:
       self.encodings[key] = data_lib.encode(load_tokenizer(tokenizer_dir), rows, self.cfg.max_length,
                                             cache_dir=self.shared / 'cache' / 'tokens')
     return self.encodings[key]
+
+  def teacher_corpus(self, teacher):
+    """The --unlabelled_corpus as `teacher` reads it: encoded with its tokenizer, or only its row keys
+    (`CorpusIndex`) for a teacher that reads no tokens (imported scores)."""
+    if teacher.tokenizer_dir is not None:
+      return self.encoded(teacher.tokenizer_dir, 'unlabelled')
+    if 'corpus index' not in self.encodings:
+      self.encodings['corpus index'] = data_lib.corpus.CorpusIndex(self.cfg.unlabelled_corpus)
+    return self.encodings['corpus index']
 
   def student_dir(self, arch, method):
     return self.workdir / 'students' / f'{arch}_{method}'

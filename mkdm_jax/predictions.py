@@ -1,5 +1,5 @@
 """Model outputs written to files: per-pair prediction files (`experiments/evaluate.py --predictions`,
-`experiments/score.py`) and a teacher's logits on a prepared corpus, shard by shard (`score_corpus`).
+`experiments/score.py`) and a model's logits on a prepared corpus, shard by shard (`corpus_logits`).
 
 Prediction files:
 
@@ -91,12 +91,9 @@ def score_stream(stream, model_dir, output, *, mesh, batch_size=128, chunk_rows=
 
 
 
-def score_corpus(model, params, rows, store, name, manifest, shards, *, batch_size=128, progress=True):
-  """Writes the model's logits on each of `shards` of a prepared corpus (`data.corpus.CorpusRows`) to the
-  logit store as shard s of `name`, on this process's devices alone (a process scores its own shards)."""
+def corpus_logits(model, params, rows, shards, *, batch_size=128, progress=True, desc='corpus'):
+  """(shard, the model's logits [rows of the shard, C]) for each of `shards` of a prepared corpus
+  (`data.corpus.CorpusRows`), computed on this process's devices alone (a process scores its own shards)."""
   mesh = train.sharding.local_mesh()
-  count = len(rows.shard_rows)
-  for shard in tqdm(shards, desc=f'{name} on {rows.corpus_dir.name}', unit=' shards', disable=not progress):
-    encoded = rows.shard_encoded(shard)
-    out = train.predict(model, params, encoded, mesh=mesh, batch_size=batch_size)
-    store.write(name, out['logits'], encoded.ids, manifest, shard=shard, num_shards=count)
+  for shard in tqdm(shards, desc=f'{desc} on {rows.corpus_dir.name}', unit=' shards', disable=not progress):
+    yield shard, train.predict(model, params, rows.shard_encoded(shard), mesh=mesh, batch_size=batch_size)['logits']

@@ -3,13 +3,12 @@ row key (`<shared_dir>/logits`), and read back as [N, T, C] arrays for the train
 evaluation."""
 import gzip
 import logging
-import os
 import pathlib
 
 import jax
 import numpy as np
 
-from mkdm_jax import context, predictions, train
+from mkdm_jax import context, paths, train
 from mkdm_jax import data as data_lib
 from mkdm_jax import metrics as metrics_lib
 from mkdm_jax.errors import UserError
@@ -65,16 +64,15 @@ def _new_logits(ctx, store, teacher, todo):
 def _score_corpus(ctx, store, teacher):
   """The teacher's logits on the prepared corpus, shard by shard: each process scores its own shards (s = its
   index mod the process count) on its own devices and writes them to the store; finished shards are kept."""
-  rows = ctx.encoded(teacher.tokenizer_dir, 'unlabelled')
+  rows = ctx.teacher_corpus(teacher)
   name, manifest, count = f'{teacher.name}.corpus', corpus_manifest(ctx, teacher, rows), len(rows.shard_rows)
   # Every process sees the same missing shards (the store is on a shared file system), so all of them load
   # the teacher together (a multi-process load synchronises) or none does.
   missing = [s for s in range(count) if not store.has_shard(name, manifest, s, count)]
   todo = [s for s in missing if s % jax.process_count() == jax.process_index()]
   if missing:
-    model, params = teacher.saved()
-    predictions.score_corpus(model, params, rows, store, name, manifest, todo, batch_size=ctx.cfg.eval_batch_size,
-                             progress=ctx.cfg.progress)
+    for shard, logits in teacher.corpus_logits(ctx, rows, todo):
+      store.write(name, logits, rows.shard_ids(shard), manifest, shard=shard, num_shards=count)
     log.info('%s: scored %d of %d corpus shards in this process', teacher.name, len(todo), count)
   context.sync_processes(f'{name} scored')
 
@@ -99,7 +97,7 @@ def read_corpus(ctx: context.Context, store, chosen):
   (each shard's row keys checked against the corpus's)."""
   per_teacher = []
   for teacher in chosen:
-    rows = ctx.encoded(teacher.tokenizer_dir, 'unlabelled')
+    rows = ctx.teacher_corpus(teacher)
     name, manifest = f'{teacher.name}.corpus', corpus_manifest(ctx, teacher, rows)
     shards = store.read_shards(name, manifest)
     starts = np.cumsum([0] + rows.shard_rows)
@@ -134,9 +132,11 @@ def best_teacher(ctx: context.Context):
 
 
 def export(ctx: context.Context, out_dir) -> list[pathlib.Path]:
-  """Writes each teacher's stored logits on every row of every set (each row key once) to
-  <out_dir>/teacher_<i>.tsv.gz (columns row, logit_0 .. logit_{C-1}): a `scores:` teacher file, so students can
-  be trained later or elsewhere without the teacher's weights. Returns the files."""
+  """Writes each teacher's stored logits on every row of every set (each row key once), and of the
+  --unlabelled_corpus when there is one, to <out_dir>/teacher_<i>.tsv.gz (columns row, logit_0 .. logit_{C-1}): a
+  `scores:` teacher file, so students can be trained later or elsewhere without the teacher's weights (a corpus
+  that is never scored again). Returns the files."""
+  store = data_lib.LogitStore(ctx.shared / 'logits')
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   header = '\t'.join(['row'] + [f'logit_{c}' for c in range(ctx.task.num_classes)])
@@ -146,14 +146,18 @@ def export(ctx: context.Context, out_dir) -> list[pathlib.Path]:
     for dataset in ctx.examples:
       logits = read(ctx, dataset, [i])[:, 0]
       rows.update(zip(ctx.examples[dataset].ids.tolist(), logits))
+    if ctx.cfg.unlabelled_corpus:
+      corpus = ctx.teacher_corpus(teacher)
+      rows.update(zip(corpus.ids.tolist(), read_corpus(ctx, store, [teacher])[np.arange(len(corpus))][:, 0]))
     path = out_dir / f'{teacher.name}.tsv.gz'
-    tmp = path.with_name(path.name + '.tmp')
-    # mtime=0: the same logits give the same bytes; 9 digits round-trip float32 (exact ties and ranks).
-    with open(tmp, 'wb') as raw, gzip.GzipFile(fileobj=raw, mode='wb', mtime=0) as f:
-      f.write((header + '\n').encode())
-      f.write(''.join(f'{key}\t' + '\t'.join(f'{v:.9g}' for v in values) + '\n'
-                      for key, values in rows.items()).encode())
-    os.replace(tmp, path)
+
+    def write(tmp, rows=rows):
+      # mtime=0: the same logits give the same bytes; 9 digits round-trip float32 (exact ties and ranks).
+      with open(tmp, 'wb') as raw, gzip.GzipFile(fileobj=raw, mode='wb', mtime=0) as f:
+        f.write((header + '\n').encode())
+        f.write(''.join(f'{key}\t' + '\t'.join(f'{v:.9g}' for v in values) + '\n'
+                        for key, values in rows.items()).encode())
+    paths.write_atomic(path, write)
     log.info('%s: %d rows of logits exported to %s', teacher.name, len(rows), path)
     written.append(path)
   return written

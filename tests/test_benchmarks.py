@@ -121,3 +121,23 @@ def test_profile_step_quick(tmp_path):
   # The embedding gradient's zero fill: the tiny BERT's word table, 30,522 x 32.
   assert 'f32[30522,32]' in ops['wrapped_broadcast']['shapes']
   assert '| dot_general |' in (out / 'ops.md').read_text()
+
+
+def test_saved_speed_times_saved_models_in_turn(ci_tiny_run, tmp_path):
+  """benchmarks/saved_speed.py on two saved students of a ci_tiny run: per model its parameters, heads and
+  examples/s, the first model's time ratio 1; a folder that is no saved model is refused by name."""
+  workdir, _ = ci_tiny_run
+  saved = [workdir / 'students' / 'bert1_mkdm', workdir / 'students' / 'bert1_kd_single']
+  out = tmp_path / 'saved_speed.json'
+  script = Path(__file__).resolve().parents[1] / 'benchmarks' / 'saved_speed.py'
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  proc = subprocess.run([sys.executable, str(script), f'--models={saved[0]},{saved[1]}', '--max_rows=40',
+                         '--rounds=2', f'--out={out}'], env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert [m['heads'] for m in result['models']] == [3, 1] and result['rounds'] == 2
+  assert all(positive(m['examples_per_sec']) and positive(m['params']) for m in result['models'])
+  assert result['models'][0]['time_vs_first'] == 1.0
+  proc = subprocess.run([sys.executable, str(script), f'--models={tmp_path}'], env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode != 0 and f'{tmp_path} is not a finished saved model' in proc.stderr

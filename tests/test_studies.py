@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from mkdm_jax import config, stats
+from mkdm_jax.data import corpus as data_corpus
 from mkdm_jax.errors import UserError
 from mkdm_jax.studies import records, runner, summaries, sweeps, tables, variants
 
@@ -107,6 +108,10 @@ def test_parse_pairs():
                          (['mkdm'], 'expected A:B'), (['mkdm:kd_single'] * 2, 'each once')]:
     with pytest.raises(UserError, match=message):
       variants.parse_pairs(specs, 'pair')
+  # A merged study's names (method@variant) are checked against its methods later, not here.
+  assert variants.parse_pairs(['mkdm@heads:kd_single'], 'study_pairs', known=False) == (('mkdm@heads', 'kd_single'),)
+  with pytest.raises(UserError, match='expected A:B'):
+    variants.parse_pairs(['mkdm@heads:'], 'study_pairs', known=False)
 
 
 def test_factor_variants_put_the_variant_flags_last(tmp_path):
@@ -318,6 +323,22 @@ def test_the_study_report_puts_head_agreement_beside_teacher_agreement(tmp_path)
   assert '| bert1_mkdm | 0.8000 ± 0.1414 | 0.5000 ± 0.0000 |' in tables.study_markdown(report)
 
 
+def test_the_study_report_averages_the_out_of_domain_metrics(tmp_path):
+  found = [a_record(run) for run in variants.study_runs(a_study(tmp_path))]
+  for record, value in zip(found, [0.5, 0.75]):
+    for row in record['rows']:
+      if row['method'] == 'mkdm':
+        row['extra_metrics'] = {'squad_dev': {'map': value, 'map/head_0': 0.0}}
+  summary = summaries.summarise(found, ['bert1'])
+  mkdm = next(r for r in summary if r['name'] == 'bert1_mkdm')
+  assert mkdm['extra_metrics'] == {'squad_dev': {'map': {'mean': 0.625, 'std': pytest.approx(0.1767767)}}}
+  assert 'extra_metrics' not in next(r for r in summary if r['name'] == 'bert1_kd_single')
+  report = {'task': 'wikiqa', 'split': 'test', 'seeds': [0, 1], 'base_flagfile': 'b.flags', 'extra_flags': [],
+            'provenance': PROVENANCE, 'students': ['bert1'], 'runs': [], 'missing': [], 'teacher_diversity': {},
+            'summary': summary, 'seeds_random': True, 'metric': 'map', 'tests': [], 'skipped_pairs': []}
+  assert '| bert1_mkdm | squad_dev | 0.6250 ± 0.1768 |' in tables.study_markdown(report)
+
+
 def test_tables_format_the_numbers():
   factors = {'student': 'bert1', 'seeds': ['0', '1'], 'metric': 'map', 'base_flagfile': 'b.flags',
              'provenance': PROVENANCE, 'not_run': ['T=4'], 'variants': [
@@ -424,3 +445,64 @@ def test_factors_compare_each_variant_with_the_reference(tmp_path, monkeypatch):
   report = sweeps.run_factors(factor_variants, flagfile='base.flags', flags=[], root=tmp_path / 'f')
   assert calls == ['[1/2] bert1 seed 0', '[2/2] bert1 seed 1'] + ['provenance'] * 4
   assert [v['name'] for v in report['variants']] == ['reference', 'alpha=0.9', 'T=4'] and report['not_run'] == []
+
+
+def test_a_merged_study_tests_one_variants_method_against_anothers(tmp_path, monkeypatch):
+  flagfile = tmp_path / 'base.flags'
+  flagfile.write_text('--students=bert1\n--methods=student_scratch,kd_single,mkdm\n--num_teachers=2\n')
+  reference, heads = variants.factor_variants(
+      flagfile, [], [('reference', []), ('heads', ['--methods=mkdm', '--head_layers=1'])],
+      student='bert1', seeds=(0, 1), root=tmp_path / 'f', records=lambda i, name: tmp_path / 'records' / name,
+      pairs=(('mkdm', 'kd_single'),), metric='map', allow_dirty=True)
+  write_records(reference.study)
+  heads_ap = ([1.0, 1.0, 1.0], [1.0, 0.5, 1.0])  # per seed; kd_single's are [0.5, 0.25, 0.25] for both seeds
+  for run in variants.study_runs(heads.study)[:1]:  # seed 0 only: seed 1 is left out of the merged study
+    record = a_record(run)
+    record['rows'] = [r for r in record['rows'] if r['method'] in ('teacher', 'mkdm')]
+    record['question_scores'] = {m: {'bert1_mkdm': heads_ap[run.student_seed]} for m in ('map', 'mrr')}
+    records.write_record(records.record_path(heads.study.records, 'bert1', run.student_seed), record)
+  monkeypatch.setattr(sweeps.provenance, 'record', lambda: PROVENANCE)
+  sweeps.run_factors([reference, heads], flagfile='base.flags', flags=[], root=tmp_path / 'f', report_only=True,
+                     study_pairs=(('mkdm@heads', 'kd_single'), ('mkdm@heads', 'mkdm')))
+  merged = json.loads((tmp_path / 'f' / 'merged' / 'study.json').read_text())
+  assert merged['methods'] == ['student_scratch', 'kd_single', 'mkdm', 'mkdm@heads']
+  assert [v['name'] for v in merged['variants']] == ['reference', 'heads'] and merged['missing'] == [['bert1', 1]]
+  by_pair = {(t['a'], t['b']): t for t in merged['tests']}
+  # Seed 0 alone: mkdm@heads - kd_single = [0.5, 0.75, 0.75], mkdm@heads - mkdm = [0.5, 0.25, 0.0] per question.
+  assert by_pair['mkdm@heads', 'kd_single']['mean_difference'] == pytest.approx(2 / 3)
+  assert by_pair['mkdm@heads', 'mkdm']['mean_difference'] == pytest.approx(0.25)
+  assert [r['name'] for r in merged['summary']] == ['teacher_0', 'bert1_student_scratch', 'bert1_kd_single',
+                                                   'bert1_mkdm', 'bert1_mkdm@heads']
+  assert '`heads` `--methods=mkdm --head_layers=1`' in (tmp_path / 'f' / 'merged' / 'study.md').read_text()
+  with pytest.raises(UserError, match='mkdm@other is not a method of the merged study'):
+    sweeps.run_factors([reference, heads], flagfile='base.flags', flags=[], root=tmp_path / 'f', report_only=True,
+                       study_pairs=(('mkdm@other', 'kd_single'),))
+  record = json.loads(records.record_path(heads.study.records, 'bert1', 0).read_text())
+  record['questions'] = ['q0', 'q1', 'q9']
+  records.write_record(records.record_path(heads.study.records, 'bert1', 0), record)
+  with pytest.raises(UserError, match='variant heads seed 0 scored other questions'):
+    sweeps.run_factors([reference, heads], flagfile='base.flags', flags=[], root=tmp_path / 'f', report_only=True,
+                       study_pairs=(('mkdm@heads', 'kd_single'),))
+
+
+def test_the_size_curve_puts_each_method_at_its_stage1_pairs(tmp_path):
+  source = tmp_path / 'pairs.tsv'
+  source.write_text('q\tp\n' + ''.join(f'q{i}\tp{i}\n' for i in range(5)), encoding='utf-8')
+  corpus_dir = tmp_path / 'corpus'
+  data_corpus.prepare([source], corpus_dir, data_corpus.ReadOptions('tsv', 'q', 'p'), progress=False)
+
+  def row(method, value, squad=None):
+    return {'name': f'bert1_{method}', 'method': method, 'student': 'bert1', 'seeds': 2,
+            'metrics': {'map': {'mean': value, 'std': 0.01}},
+            **({'extra_metrics': {'squad_dev': {'map': {'mean': squad, 'std': 0.0}}}} if squad else {})}
+  teacher = {'name': 'teacher_0', 'method': 'teacher', 'student': None, 'metrics': {'map': {'mean': 0.9}}}
+  reports = [{'config': {'unlabelled_corpus': str(corpus_dir)},
+              'summary': [teacher, row('kd_single', 0.6, 0.7), row('tkd', 0.65, 0.75)]},
+             {'config': {'unlabelled_corpus': ''}, 'summary': [teacher, row('tmkd', 0.5)]}]  # in memory: left out
+  rows = sweeps.size_curve(reports, 'map', tmp_path / 'curve')
+  assert rows == [{'student': 'bert1', 'method': 'kd_single', 'seeds': 2, 'pairs': 0, 'map_mean': 0.6,
+                   'map_std': 0.01, 'squad_dev_map_mean': 0.7},
+                  {'student': 'bert1', 'method': 'tkd', 'seeds': 2, 'pairs': 5, 'map_mean': 0.65, 'map_std': 0.01,
+                   'squad_dev_map_mean': 0.75}]
+  assert json.loads((tmp_path / 'curve' / 'curve.json').read_text()) == rows
+  assert (tmp_path / 'curve' / 'curve_map.png').read_bytes()[:4] == b'\x89PNG'

@@ -6,9 +6,13 @@ import numpy as np
 import pytest
 
 from mkdm_jax import config, teacher_logits
+from mkdm_jax import context as context_lib
+from mkdm_jax.data import corpus
 from mkdm_jax.data.readers import Examples
+from mkdm_jax.data.tasks import get_task
 from mkdm_jax.errors import UserError
 from mkdm_jax.teachers import base
+from mkdm_jax.teachers.scores import ImportedScores, read_scores
 
 
 def examples(keys, labels=None, groups=None):
@@ -85,3 +89,39 @@ def test_calibrated_teacher_scores_whole_sets_once(tmp_path):
   np.testing.assert_allclose(logits, [[0.0, a * 2 + b]], rtol=1e-6)  # 'p6' has 2 characters
   teacher.logits(ctx, 'eval', np.array([0]))
   assert Length.calls == 2  # dev (for the fit) and eval, each once
+
+
+def test_a_scores_teacher_serves_a_prepared_corpus_and_its_export_holds_the_corpus(tmp_path):
+  """`scores:` teachers look a corpus's rows up by key (no model, no tokenizer): what an export of a corpus run
+  holds, so a stage-1 corpus is scored once. A file without the corpus's rows is refused by name."""
+  source = tmp_path / 'pairs.tsv'
+  source.write_text('question\tpassage\n' + ''.join(f'q{i}\tpassage {i}\n' for i in range(7)), encoding='utf-8')
+  corpus_dir = tmp_path / 'corpus'
+  corpus.prepare([source], corpus_dir, corpus.ReadOptions('tsv', 'question', 'passage'), rows_per_shard=3,
+                 progress=False)
+  keys = corpus.CorpusIndex(corpus_dir).ids
+  sets = {'train': examples([101, 102]), 'dev': examples([103])}
+  scores = tmp_path / 'teacher_0.tsv'
+  scores.write_text('row\tlogit_0\tlogit_1\n' + ''.join(f'{k}\t0\t{v}\n' for v, k in enumerate([101, 102, 103,
+                                                                                                *keys.tolist()])))
+  cfg = dataclasses.replace(config.Config(workdir=str(tmp_path)), max_length=32, unlabelled_corpus=str(corpus_dir),
+                            progress=False)
+  teacher = ImportedScores(0, str(scores), tmp_path / 'teachers' / 'teacher_0')
+  ctx = context_lib.Context(cfg=cfg, workdir=tmp_path, shared=tmp_path, task=get_task('wikiqa'), buckets=(32,),
+                            examples=sets, teachers=(teacher,), mesh=None, metrics=[], primary='map')
+  assert teacher.tokenizer_dir is None and teacher.scores_corpus
+  teacher_logits.stage_logits(ctx)
+  stored = teacher_logits.read(ctx, 'unlabelled')  # the corpus, by position: values 3..9 in file order
+  np.testing.assert_array_equal(stored[np.arange(7)][:, 0, 1], np.arange(3, 10))
+  assert sorted(p.name for p in (tmp_path / 'logits' / 'teacher_0.corpus').iterdir()) == [
+      f'shard-{i:05d}-of-00003' for i in range(3)]
+  (exported,) = teacher_logits.export(ctx, tmp_path / 'export')
+  exported_keys, values = read_scores(exported, 2)
+  assert sorted(exported_keys.tolist()) == sorted([101, 102, 103, *keys.tolist()])
+  np.testing.assert_array_equal(values[np.argsort(exported_keys)], read_scores(scores, 2)[1][np.argsort(
+      read_scores(scores, 2)[0])])
+  scores.write_text('row\tlogit_0\tlogit_1\n101\t0\t1\n102\t0\t1\n103\t0\t1\n')  # no corpus rows
+  ctx = dataclasses.replace(ctx, shared=tmp_path / 'other', teachers=(
+      ImportedScores(0, str(scores), tmp_path / 'teachers' / 'teacher_0'),), encodings={})
+  with pytest.raises(UserError, match=r'teacher_0.tsv: teacher scores are missing for corpus shard 0: 3 rows'):
+    teacher_logits.stage_logits(ctx)

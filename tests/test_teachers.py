@@ -150,7 +150,7 @@ def test_build_makes_one_object_per_spec_with_its_own_settings(tmp_path):
   assert (built[0].seed, built[0].learning_rate, built[0].batch_size) == (7, 1e-5, None)
   assert [(t.trains, t.runs_online, t.scores_corpus, t.calibrated) for t in built] == [
       (True, True, True, False), (False, False, False, True), (False, False, False, True),
-      (False, False, False, False)]
+      (False, False, True, False)]
   assert resolved == []  # tokenizers resolve on first use only (a hub checkpoint would download)
   assert built[1].tokenizer_dir == 'minilm-l6' and built[2].tokenizer_dir is None
   assert built[2].fingerprint() == 'overlap:idf' and built[3].fingerprint().startswith('sha256:')

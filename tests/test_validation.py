@@ -36,8 +36,8 @@ def validate(**overrides):
     (dict(unlabelled_splits=('qnli:dev',), methods=('mkdm',)), ['--unlabelled_splits=qnli:dev', '--methods']),
     (dict(pretrain_steps=100, methods=('mkdm',)), ['--pretrain_steps=100', '--methods']),
     (dict(pretrain_steps=-1), ['--pretrain_steps=-1']),
-    (dict(unlabelled_corpus='c', teacher_checkpoints=('scores:t.tsv',), methods=('tmkd',)),
-     ['--unlabelled_corpus', 'scores:']),
+    (dict(unlabelled_corpus='c', teacher_checkpoints=('overlap:idf',), methods=('tmkd',)),
+     ['--unlabelled_corpus', 'overlap:idf', 'cannot label a prepared corpus']),
 ])
 def test_refused(overrides, flags):
   with pytest.raises(UserError) as error:

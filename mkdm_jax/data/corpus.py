@@ -322,36 +322,53 @@ class CorpusLogits:
     return out
 
 
-class CorpusRows:
-  """One encoding of a prepared corpus, read by random access: what `batches` needs of an `Encoded`
-  (lengths, labels, ids, max_length, `tokens`) with only the small per-row arrays in memory."""
+class CorpusIndex:
+  """A prepared corpus's row keys and labels, shard by shard, without an encoding: what a teacher that reads no
+  tokens (imported scores) needs of it."""
 
-  def __init__(self, corpus_dir, tokenizer, max_length: int):
+  def __init__(self, corpus_dir):
     self.corpus_dir = Path(corpus_dir)
-    manifest = read_manifest(self.corpus_dir)
-    enc_dir = self.corpus_dir / f'enc-{encoding_key(tokenizer, max_length)}'
-    if not (enc_dir / MANIFEST).is_file():
-      raise UserError(f'{self.corpus_dir}: no finished encoding for this tokenizer at max_length {max_length}; '
-                      'run encode_corpus (the logits stage does) first')
-    shards = [_shard_name(i) for i in range(manifest['shards'])]
-    self.max_length = max_length
-    per_shard_lengths = [np.load(enc_dir / f'{s}.lengths.npy') for s in shards]
-    self.lengths = np.concatenate(per_shard_lengths)
+    self.manifest = read_manifest(self.corpus_dir)
+    self._shard_names = [_shard_name(i) for i in range(self.manifest['shards'])]
     self.shard_rows = []
     ids, labels = [], []
-    for s in shards:
+    for s in self._shard_names:
       with np.load(self.corpus_dir / 'text' / f'{s}.rows.npz') as z:
         ids.append(z['ids'])
         labels.append(z['labels'].astype(np.int32))
         self.shard_rows.append(len(z['ids']))
     self.ids, self.labels = np.concatenate(ids), np.concatenate(labels)
     self.groups = None
-    self.fingerprint = hashlib.sha256(
-        f'{json.dumps(manifest["sources"], sort_keys=True)}\n{enc_dir.name}'.encode()).hexdigest()
+    self.fingerprint = hashlib.sha256(f'{json.dumps(self.manifest["sources"], sort_keys=True)}\nrow keys'.encode()
+                                      ).hexdigest()
     self._shard_starts = np.cumsum([0] + self.shard_rows)
+
+  def __len__(self):
+    return len(self.ids)
+
+  def shard_ids(self, shard: int) -> np.ndarray:
+    return self.ids[self._shard_starts[shard]:self._shard_starts[shard + 1]]
+
+
+class CorpusRows(CorpusIndex):
+  """One encoding of a prepared corpus, read by random access: what `batches` needs of an `Encoded`
+  (lengths, labels, ids, max_length, `tokens`) with only the small per-row arrays in memory."""
+
+  def __init__(self, corpus_dir, tokenizer, max_length: int):
+    super().__init__(corpus_dir)
+    enc_dir = self.corpus_dir / f'enc-{encoding_key(tokenizer, max_length)}'
+    if not (enc_dir / MANIFEST).is_file():
+      raise UserError(f'{self.corpus_dir}: no finished encoding for this tokenizer at max_length {max_length}; '
+                      'run encode_corpus (the logits stage does) first')
+    shards = self._shard_names
+    self.max_length = max_length
+    per_shard_lengths = [np.load(enc_dir / f'{s}.lengths.npy') for s in shards]
+    self.lengths = np.concatenate(per_shard_lengths)
+    self.fingerprint = hashlib.sha256(
+        f'{json.dumps(self.manifest["sources"], sort_keys=True)}\n{enc_dir.name}'.encode()).hexdigest()
     # Each row's first token within its shard's flat arrays (int64: 8 bytes a row), and the arrays, mapped lazily.
     self._token_starts = np.concatenate([np.cumsum(n, dtype=np.int64) - n for n in per_shard_lengths])
-    self._enc_dir, self._shard_names = enc_dir, shards
+    self._enc_dir = enc_dir
     self._arrays = [None] * len(shards)
 
   def _shard_arrays(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
@@ -359,9 +376,6 @@ class CorpusRows:
       name = self._enc_dir / self._shard_names[shard]
       self._arrays[shard] = (np.load(f'{name}.ids.npy', mmap_mode='r'), np.load(f'{name}.types.npy', mmap_mode='r'))
     return self._arrays[shard]
-
-  def __len__(self):
-    return len(self.ids)
 
   def tokens(self, rows, length: int) -> dict[str, np.ndarray]:
     """input_ids, token_type_ids, attention_mask int32 [len(rows), length] of the rows at these positions."""

@@ -1,13 +1,12 @@
 """Pair encoding with the `tokenizers` library, cached as .npz files."""
 import dataclasses
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import tokenizers
 
+from mkdm_jax import paths
 from mkdm_jax.data.readers import Examples
 from mkdm_jax.errors import UserError
 
@@ -96,11 +95,8 @@ def _save_atomic(path: Path, encoded: Encoded):
   arrays = {k: getattr(encoded, k) for k in _ARRAYS}
   if encoded.groups is not None:
     arrays["groups"] = encoded.groups
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
+
+  def write(tmp):
+    with open(tmp, "wb") as f:  # an open file: np.savez appends .npz to a bare file name
       np.savez(f, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  paths.write_atomic(path, write)

@@ -23,6 +23,7 @@ import subprocess
 import jax
 import jax.numpy as jnp
 
+from mkdm_jax import paths
 from mkdm_jax.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -62,18 +63,18 @@ def build(compiler=None) -> pathlib.Path:
   if out.is_file():
     return out
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_name(f'.{out.name}.{os.getpid()}')  # concurrent builders each write their own
-  obj = tmp.with_suffix('.o')
-  try:
-    for cmd in ([compiler, *COMPILE_FLAGS, '-I', jax.ffi.include_dir(), '-c', str(SOURCE), '-o', str(obj)],
-                [compiler, *LINK_FLAGS, str(obj), '-o', str(tmp)]):
-      done = subprocess.run(cmd, capture_output=True, text=True)
-      if done.returncode != 0:
-        raise OSError(f'{" ".join(cmd)} failed:\n{done.stderr[-2000:]}')
-    os.replace(tmp, out)  # atomic
-  finally:
-    obj.unlink(missing_ok=True)
-    tmp.unlink(missing_ok=True)
+
+  def compile_to(tmp):  # concurrent builders each write their own temporary library (paths.write_atomic)
+    obj = tmp.with_name(tmp.name + '.o')
+    try:
+      for cmd in ([compiler, *COMPILE_FLAGS, '-I', jax.ffi.include_dir(), '-c', str(SOURCE), '-o', str(obj)],
+                  [compiler, *LINK_FLAGS, str(obj), '-o', str(tmp)]):
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+          raise OSError(f'{" ".join(cmd)} failed:\n{done.stderr[-2000:]}')
+    finally:
+      obj.unlink(missing_ok=True)
+  paths.write_atomic(out, compile_to)
   return out
 
 

@@ -43,6 +43,35 @@ def study_plot(report, records, path):
   plt.close(fig)
 
 
+def curve_plot(rows, teachers, metric, path):
+  """A stage-1 size curve: per student and method its metric (mean, std as error bars) against the stage-1
+  pairs; methods without a first stage as horizontal lines; teachers as dotted lines."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  series = {}
+  for r in rows:
+    series.setdefault((r['student'], r['method']), []).append(r)
+  for i, ((student, method), points) in enumerate(series.items()):
+    label, color = f'{student} {method}', f'C{i}'
+    if all(p['pairs'] == 0 for p in points):
+      ax.axhline(points[0][f'{metric}_mean'], color=color, linestyle='--', label=f'{label} (no stage 1)')
+      continue
+    ax.errorbar([p['pairs'] for p in points], [p[f'{metric}_mean'] for p in points], marker='o', color=color,
+                yerr=[p[f'{metric}_std'] or 0.0 for p in points], capsize=3, label=label)
+  for j, t in enumerate(teachers):
+    ax.axhline(t[metric], color='gray', alpha=0.3 + 0.5 * j / max(len(teachers), 1), linestyle=':', label=t['name'])
+  if any(r['pairs'] for r in rows):
+    ax.set_xscale('log')
+  ax.set_xlabel('stage-1 pairs')
+  ax.set_ylabel(metric)
+  ax.set_title(f'{metric} against stage-1 size (mean ± std over seeds)')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize='x-small', loc='best')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def sweep_plot(sweep, metric, path):
   """Metric vs setting, one line per method; numeric settings on a numeric axis."""
   plt = _pyplot()

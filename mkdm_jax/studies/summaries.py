@@ -49,6 +49,10 @@ def summarise(records, students) -> list[dict]:
       for key in ('head_agreement', 'teacher_agreement'):  # multi-head rows of records made since 2026-12-06
         if all(r.get(key) is not None for r in rows):
           entry[key] = mean_std([r[key] for r in rows])
+      if all(r.get('extra_metrics') for r in rows):  # --extra_eval sets (out of domain), combined prediction only
+        entry['extra_metrics'] = {name: {m: mean_std([r['extra_metrics'][name][m] for r in rows])
+                                         for m in metrics if '/' not in m}
+                                  for name, metrics in rows[0]['extra_metrics'].items()}
       summary.append(entry)
   return summary
 

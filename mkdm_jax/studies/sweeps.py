@@ -1,13 +1,15 @@
 """A sweep end to end: run what is missing (one run per Config, `runner`), assemble the report, write it.
 
   study:    <root>/study.json, study.md, study_<metric>.png  (from the records alone: a study spans sessions)
-  factors:  one study per variant in <root>/<variant>/, then <root>/factors.json and factors.md
+  factors:  one study per variant in <root>/<variant>/, then <root>/factors.json and factors.md, and with study
+            pairs one study of every variant's methods side by side in <root>/merged/ (`merged_study`)
   ablation: <root>/ablation.json, ablation.md, ablation_<flag>.png
 """
 import dataclasses
 import json
 
-from mkdm_jax import distill, provenance
+from mkdm_jax import distill, paths, provenance
+from mkdm_jax.data import corpus as data_corpus
 from mkdm_jax.errors import UserError
 from mkdm_jax.studies import plots, records, runner, summaries, tables, variants
 from mkdm_jax.workdir import WorkdirLock
@@ -51,22 +53,24 @@ def study_records(study: variants.Study, report_only):
   return found, missing
 
 
-def study_report(study: variants.Study, found, missing):
+def study_report(study: variants.Study, found, missing, methods=None, extra=None):
   """The report of the records found: per architecture and method the mean and std over seeds, and the paired
   tests of each pair whose methods the study runs (others are skipped with a note); written to <root>/study.json,
-  study.md and study_<metric>.png."""
+  study.md and study_<metric>.png. `methods`: the methods the records' rows carry (default the Config's; a merged
+  study's are named `method@variant`); `extra`: more report fields."""
   cfg = study.cfg
+  methods = list(methods or cfg.methods)
   if not found:
     raise UserError(f'no finished run is recorded in {study.records} for --seeds={",".join(map(str, study.seeds))} '
                     f'and --students={",".join(cfg.students)}; run the study without --report_only')
-  tested = [(a, b) for a, b in study.pairs if a in cfg.methods and b in cfg.methods]
-  skipped = [f"{a}:{b} ({', '.join(m for m in (a, b) if m not in cfg.methods)} not in --methods)"
+  tested = [(a, b) for a, b in study.pairs if a in methods and b in methods]
+  skipped = [f"{a}:{b} ({', '.join(m for m in (a, b) if m not in methods)} not in --methods)"
              for a, b in study.pairs if (a, b) not in tested]
   for note in skipped:
     print(f'skipping pair {note}', flush=True)
   report = {'base_flagfile': study.flagfile, 'extra_flags': list(study.flags), 'seeds': list(study.seeds),
             'metric': study.metric, 'task': cfg.task, 'split': cfg.eval_split, 'students': list(cfg.students),
-            'methods': list(cfg.methods),
+            'methods': methods, **(extra or {}),
             'config': {k: v for k, v in dataclasses.asdict(cfg).items() if k not in variants.STUDY_RESERVED},
             'provenance': provenance.record(), 'records': str(study.records),
             'runs': [{k: r[k] for k in ('student', 'seed', 'provenance', 'rows')} for r in found],
@@ -75,6 +79,7 @@ def study_report(study: variants.Study, found, missing):
             'seeds_random': study.seeds_random,
             'tests': summaries.paired_tests(tested, cfg.students, found, study.metric, study.seeds_random),
             'skipped_pairs': skipped}
+  study.root.mkdir(parents=True, exist_ok=True)
   with WorkdirLock(study.root):
     (study.root / 'study.json').write_text(json.dumps(report, indent=1))
     (study.root / 'study.md').write_text(tables.study_markdown(report))
@@ -88,10 +93,85 @@ def run_study(study: variants.Study, report_only=False):
   return study_report(study, found, missing), found
 
 
-def run_factors(factor_variants, *, flagfile, flags, root, report_only=False):
+VARIANT_MARK = '@'  # a variant's method in a merged study: method@variant
+
+
+def merged_records(ran):
+  """Per seed recorded by every variant of `ran` [(variant, records, missing)], the first (reference) variant's
+  record with every other variant's student rows and question scores added under `method@variant`; returns
+  (records, the method names in order, the seeds left out as [(student, seed)])."""
+  reference, others = ran[0][0], ran[1:]
+  by_seed = [{r['seed']: r for r in found} for _, found, _ in ran]
+  seeds = [s for s in by_seed[0] if all(s in other for other in by_seed[1:])]
+  methods = list(reference.study.cfg.methods)
+  methods += [f'{m}{VARIANT_MARK}{v.name}' for v, _, _ in others for m in v.study.cfg.methods]
+  merged = []
+  for seed in seeds:
+    record = {**by_seed[0][seed], 'rows': list(by_seed[0][seed]['rows']),
+              'question_scores': {k: dict(v) for k, v in by_seed[0][seed]['question_scores'].items()}}
+    for (variant, _, _), found in zip(others, by_seed[1:]):
+      other = found[seed]
+      if other['questions'] != record['questions']:
+        raise UserError(f"variant {variant.name} seed {seed} scored other questions than variant {reference.name}: "
+                        'a merged study compares variants of the same eval split only')
+      for row in other['rows']:
+        if row['student'] is not None:  # teachers once, the reference's
+          name = f"{row['name']}{VARIANT_MARK}{variant.name}"
+          record['rows'].append({**row, 'name': name, 'method': f"{row['method']}{VARIANT_MARK}{variant.name}"})
+          for metric, scores in other['question_scores'].items():
+            record['question_scores'][metric][name] = scores[row['name']]
+    merged.append(record)
+  left_out = sorted({(r['student'], r['seed']) for _, found, _ in ran for r in found if r['seed'] not in seeds})
+  return merged, methods, left_out
+
+
+def merged_study(ran, pairs, root):
+  """One study report of every variant's methods side by side (`merged_records`): the reference's methods keep
+  their names, another variant's are `method@variant`, and `pairs` may test any two of them (e.g.
+  mkdm@head_layers1:kd_single). Written to <root>/study.json, study.md and study_<metric>.png; returns it."""
+  merged, methods, left_out = merged_records(ran)
+  unknown = sorted({m for pair in pairs for m in pair} - set(methods))
+  if unknown:
+    raise UserError(f'--study_pairs: {", ".join(unknown)} is not a method of the merged study; choose from '
+                    f'{", ".join(methods)}')
+  study = dataclasses.replace(ran[0][0].study, root=root, pairs=tuple(pairs))
+  extra = {'variants': [{'name': v.name, 'flags': list(v.flags), 'records': str(v.study.records)} for v, _, _ in ran]}
+  return study_report(study, merged, [*ran[0][2], *left_out], methods=methods, extra=extra)
+
+
+def size_curve(reports, metric, root):
+  """The stage-1 size curve of variant study reports that differ in --unlabelled_corpus: per student and method,
+  its `metric` against the stage-1 pairs (the corpus's rows; 0 for a method without a first stage), with the
+  out-of-domain SQuAD dev mean where --extra_eval has it. Rows of two-stage methods without a prepared corpus (an
+  in-memory stage 1 of unrecorded size) are left out; a one-stage method belongs in one variant (it would appear
+  once per variant that runs it). Writes <root>/curve.json and curve_<metric>.png."""
+  rows = []
+  for report in reports:
+    corpus_dir = report['config']['unlabelled_corpus']
+    corpus_rows = data_corpus.read_manifest(corpus_dir)['rows'] if corpus_dir else None
+    for r in report['summary']:
+      if r['student'] is None or (distill.METHODS[r['method']].pretrain and corpus_rows is None):
+        continue
+      squad = r.get('extra_metrics', {}).get('squad_dev', {}).get(metric)
+      rows.append({'student': r['student'], 'method': r['method'], 'seeds': r['seeds'],
+                   'pairs': corpus_rows if distill.METHODS[r['method']].pretrain else 0,
+                   f'{metric}_mean': r['metrics'][metric]['mean'], f'{metric}_std': r['metrics'][metric]['std'],
+                   f'squad_dev_{metric}_mean': None if squad is None else squad['mean']})
+  rows.sort(key=lambda r: (r['student'], r['method'], r['pairs']))
+  teachers = [{'name': r['name'], metric: r['metrics'][metric]['mean']}
+              for r in reports[0]['summary'] if r['student'] is None]
+  root.mkdir(parents=True, exist_ok=True)
+  paths.write_text_atomic(root / 'curve.json', json.dumps(rows, indent=1))
+  plots.curve_plot(rows, teachers, metric, root / f'curve_{metric}.png')
+  return rows
+
+
+def run_factors(factor_variants, *, flagfile, flags, root, report_only=False, study_pairs=(), curve=False):
   """Each variant's study (in its own folder), then how each variant moves the difference of each method pair
   against the first variant, the reference. With `report_only`, a variant other than the reference without any
-  record is listed as not run. Writes <root>/factors.json and factors.md; returns the report.
+  record is listed as not run. Writes <root>/factors.json and factors.md, with `study_pairs` the merged study
+  of every variant run (`merged_study`) in <root>/merged, and with `curve` the stage-1 size curve of variants that
+  differ in --unlabelled_corpus (`size_curve`); returns the factors report.
 
   Every variant's runs come before the first report: a report starts JAX in this process (its provenance), which
   then must not hold an accelerator that the runs' processes need."""
@@ -108,8 +188,10 @@ def run_factors(factor_variants, *, flagfile, flags, root, report_only=False):
       print(f'variant {variant.name}: {" ".join(variant.flags) or "the base flags"}', flush=True)
       ran.append((variant, *study_records(study, report_only)))
   reference, entries = None, []
+  studies = []
   for variant, found, missing in ran:
     report = study_report(variant.study, found, missing)
+    studies.append(report)
     tests, differences = summaries.factor_tests(report, found, variant.study.pairs, reference,
                                                 variant.study.seeds_random)
     if reference is None:
@@ -124,6 +206,10 @@ def run_factors(factor_variants, *, flagfile, flags, root, report_only=False):
             'variants': entries, 'not_run': not_run}
   (root / 'factors.json').write_text(json.dumps(report, indent=1))
   (root / 'factors.md').write_text(tables.factors_markdown(report))
+  if study_pairs:
+    merged_study(ran, study_pairs, root / 'merged')
+  if curve:
+    size_curve(studies, first.metric, root)
   return report
 
 

@@ -21,6 +21,9 @@ def study_markdown(report) -> str:
                                 if (seeds := [r['seed'] for r in report['runs'] if r['student'] == arch]))
            + '.' + (f" Not yet run: {', '.join(f'{a} seed {s}' for a, s in report['missing'])}." if report['missing']
                     else ''), '',
+           *(['Variants (their methods, but the first\'s, named `method@variant`): ' + '; '.join(
+               f"`{v['name']}` `{' '.join(v['flags']) or '-'}`" for v in report['variants']) + '.', '']
+             if report.get('variants') else []),
            *(['Teacher diversity (mkdm_jax.metrics.teacher_diversity): ' + '; '.join(
                f"{split}: disagreement {d['disagreement']:.4f}, symmetric KL {d['symmetric_kl']:.4f}"
                for split, d in report['teacher_diversity'].items()) + '.', ''] if report['teacher_diversity'] else []),
@@ -29,6 +32,13 @@ def study_markdown(report) -> str:
   for r in summary:
     lines.append(f"| {r['name']} | {r['method']} | {r['student'] or '-'} | {r['seeds'] or '-'} | "
                  + ' | '.join(mean_std_cell(r['metrics'][n]) for n in names) + ' |')
+  extra = [(r, name, scores) for r in summary for name, scores in r.get('extra_metrics', {}).items()]
+  if extra:
+    metrics = list(extra[0][2])
+    lines += ['', '## Out of domain (--extra_eval; mean ± std over seeds)', '',
+              '| model | set | ' + ' | '.join(metrics) + ' |', '|' + '---|' * (2 + len(metrics))]
+    lines += [f"| {r['name']} | {name} | " + ' | '.join(mean_std_cell(scores[m]) if m in scores else '-'
+                                                      for m in metrics) + ' |' for r, name, scores in extra]
   collapse = [r for r in summary if 'head_agreement' in r]
   if collapse:
     lines += ['', '## Head agreement (dev): do the per-teacher heads rank like their teachers?', '',

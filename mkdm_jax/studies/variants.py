@@ -43,14 +43,15 @@ def parse_seeds(values) -> tuple[int, ...]:
   return seeds
 
 
-def parse_pairs(specs, flag='pairs') -> tuple[tuple[str, str], ...]:
-  """((a, b), ...) from --<flag> values 'a:b', each a method of mkdm_jax.distill.METHODS."""
+def parse_pairs(specs, flag='pairs', known=True) -> tuple[tuple[str, str], ...]:
+  """((a, b), ...) from --<flag> values 'a:b', each a method of mkdm_jax.distill.METHODS (with `known`; else
+  checked by the caller, e.g. a merged study's method@variant names)."""
   pairs = []
   for spec in specs:
     pair = tuple(spec.split(':'))
-    if len(pair) != 2 or pair[0] == pair[1]:
+    if len(pair) != 2 or pair[0] == pair[1] or not all(pair):
       raise UserError(f'--{flag}: {spec!r}: expected A:B with two different methods, e.g. mkdm:kd_single')
-    unknown = [m for m in pair if m not in distill.METHODS]
+    unknown = [m for m in pair if known and m not in distill.METHODS]
     if unknown:
       raise UserError(f'--{flag}: {spec!r}: unknown method {unknown[0]!r}; choose from {tuple(distill.METHODS)}')
     pairs.append(pair)

@@ -62,6 +62,11 @@ class Teacher:
     """[len(rows), C] logits of rows `rows` (indices) of `ctx.examples[dataset]`."""
     raise NotImplementedError
 
+  def corpus_logits(self, ctx, rows, shards):
+    """(shard, [rows of the shard, C] logits) for each of `shards` of the prepared corpus `rows`
+    (`ctx.teacher_corpus(self)`); teachers with `scores_corpus` only."""
+    raise NotImplementedError
+
   def scorer(self, ctx, count: int):
     """A callable scoring the first `count` eval rows as the teacher does at inference (timed by the evaluate
     stage), or None where nothing runs (imported scores)."""
@@ -98,15 +103,20 @@ class Calibrated(Teacher):
   def logits(self, ctx, dataset, rows):
     # Scored over whole sets (cached): scores do not depend on which rows a set shares with another.
     cache = self._cache
+    if dataset not in cache:
+      cache[dataset] = self.calibrate(ctx, self.scores(ctx, dataset))
+    return cache[dataset][rows]
+
+  def calibrate(self, ctx, scores):
+    """Two-class logits of scalar `scores` with the calibration fitted on dev (once)."""
+    cache = self._cache
     if 'dev' not in ctx.examples:
       raise UserError(f'{self.name} ({self.spec}) gives scalar scores, which are calibrated on the dev split: '
                       'give a --dev_split')
     if 'fit' not in cache:
       cache['fit'] = fit_calibration(self.scores(ctx, 'dev'), ctx.examples['dev'].labels)
       log.info('%s: calibrated on dev: logit = %.4g * score + %.4g', self.name, *cache['fit'])
-    if dataset not in cache:
-      cache[dataset] = calibrated_logits(self.scores(ctx, dataset), *cache['fit'])
-    return cache[dataset][rows]
+    return calibrated_logits(scores, *cache['fit'])
 
 
 def params_fingerprint(params) -> str:

@@ -3,7 +3,7 @@ import functools
 
 import numpy as np
 
-from mkdm_jax import saved_model, train
+from mkdm_jax import predictions, saved_model, train
 from mkdm_jax.errors import UserError
 from mkdm_jax.models import count_params, factory
 from mkdm_jax.teachers.base import Teacher, cached_fingerprint
@@ -44,6 +44,11 @@ class FineTuned(Teacher):
     encoded = ctx.encoded(self.tokenizer_dir, dataset).select(rows)
     return train.predict(model, params, encoded, mesh=ctx.mesh, batch_size=ctx.cfg.eval_batch_size,
                          desc=f'{self.name}.{dataset}' if ctx.cfg.progress else None)['logits']
+
+  def corpus_logits(self, ctx, rows, shards):
+    model, params = self.saved()
+    return predictions.corpus_logits(model, params, rows, shards, batch_size=ctx.cfg.eval_batch_size,
+                                     progress=ctx.cfg.progress, desc=f'{self.name}.corpus')
 
   def scorer(self, ctx, count):
     model, params = self.saved()

@@ -4,7 +4,8 @@ FILE is a TSV with a header or a JSONL file (either may be gzipped: FILE.gz), on
 in `row` (`mkdm_jax.data.row_key` of the pair) and either a scalar relevance score in `score` (any scale: a
 reranker's logit, a probability, BM25; calibrated on dev) or per-class logits in `logit_0 .. logit_{C-1}`
 (JSONL: `"logits": [...]`; used as they are). `experiments/evaluate.py --predictions` files and the files of
-`experiments/run.py --export_teacher_logits` qualify.
+`experiments/run.py --export_teacher_logits` qualify; with an --unlabelled_corpus, the file also serves the corpus's
+rows (an export of a run with that corpus holds them), so a stage-1 corpus is scored once, anywhere.
 """
 import functools
 import gzip
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 class ImportedScores(Calibrated):
   kind = 'scores'
   calibrated = False  # a file of per-class logits is used as it is (a scalar-score file is calibrated)
+  scores_corpus = True  # a prepared corpus's rows are looked up by key, like every other set's
 
   def check(self):
     if not Path(self.source).is_file():
@@ -36,10 +38,16 @@ class ImportedScores(Calibrated):
   def scorer(self, ctx, count):
     return None  # the scores were computed elsewhere: nothing runs here to time
 
+  def _file(self, ctx):
+    """(row keys, values) of the file, read once."""
+    if 'file' not in self._cache:
+      self._cache['file'] = read_scores(self.source, ctx.task.num_classes)
+    return self._cache['file']
+
   def _aligned(self, ctx):
     """The file's values of every set of the run (read once): [N] scores or [N, C] logits per set."""
     if 'aligned' not in self._cache:
-      keys, values = read_scores(self.source, ctx.task.num_classes)
+      keys, values = self._file(ctx)
       self._cache['aligned'] = align(self.source, keys, values, {d: e.ids for d, e in ctx.examples.items()})
       used = len(set().union(*(e.ids.tolist() for e in ctx.examples.values())))
       log.info('%s: %d rows of %s from %s, %d of them in this run\'s sets', self.name, len(keys),
@@ -52,6 +60,12 @@ class ImportedScores(Calibrated):
   def logits(self, ctx, dataset, rows):
     values = self._aligned(ctx)[dataset]
     return values[rows] if values.ndim == 2 else super().logits(ctx, dataset, rows)
+
+  def corpus_logits(self, ctx, rows, shards):
+    keys, values = self._file(ctx)
+    for shard in shards:
+      (shard_values,) = align(self.source, keys, values, {f'corpus shard {shard}': rows.shard_ids(shard)}).values()
+      yield shard, shard_values if shard_values.ndim == 2 else self.calibrate(ctx, shard_values)
 
 
 def scores_fingerprint(path) -> str:
