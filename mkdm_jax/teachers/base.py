@@ -86,7 +86,8 @@ class Calibrated(Teacher):
 
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
-    self._cache = {}  # 'fit': (a, b); dataset -> calibrated logits of the whole set
+    self._fit = None  # (a, b) of the dev calibration
+    self._set_logits = {}  # dataset -> calibrated logits of the whole set
 
   def score_pairs(self, ctx, text_a, text_b) -> np.ndarray:
     """Scalar scores of the pairs (text_a[i], text_b[i])."""
@@ -102,21 +103,19 @@ class Calibrated(Teacher):
 
   def logits(self, ctx, dataset, rows):
     # Scored over whole sets (cached): scores do not depend on which rows a set shares with another.
-    cache = self._cache
-    if dataset not in cache:
-      cache[dataset] = self.calibrate(ctx, self.scores(ctx, dataset))
-    return cache[dataset][rows]
+    if dataset not in self._set_logits:
+      self._set_logits[dataset] = self.calibrate(ctx, self.scores(ctx, dataset))
+    return self._set_logits[dataset][rows]
 
   def calibrate(self, ctx, scores):
     """Two-class logits of scalar `scores` with the calibration fitted on dev (once)."""
-    cache = self._cache
     if 'dev' not in ctx.examples:
       raise UserError(f'{self.name} ({self.spec}) gives scalar scores, which are calibrated on the dev split: '
                       'give a --dev_split')
-    if 'fit' not in cache:
-      cache['fit'] = fit_calibration(self.scores(ctx, 'dev'), ctx.examples['dev'].labels)
-      log.info('%s: calibrated on dev: logit = %.4g * score + %.4g', self.name, *cache['fit'])
-    return calibrated_logits(scores, *cache['fit'])
+    if self._fit is None:
+      self._fit = fit_calibration(self.scores(ctx, 'dev'), ctx.examples['dev'].labels)
+      log.info('%s: calibrated on dev: logit = %.4g * score + %.4g', self.name, *self._fit)
+    return calibrated_logits(scores, *self._fit)
 
 
 def params_fingerprint(params) -> str:

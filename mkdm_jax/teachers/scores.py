@@ -38,21 +38,26 @@ class ImportedScores(Calibrated):
   def scorer(self, ctx, count):
     return None  # the scores were computed elsewhere: nothing runs here to time
 
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._file_values = None  # (row keys, values) of the file
+    self._by_set = None  # dataset -> the file's values of its rows
+
   def _file(self, ctx):
     """(row keys, values) of the file, read once."""
-    if 'file' not in self._cache:
-      self._cache['file'] = read_scores(self.source, ctx.task.num_classes)
-    return self._cache['file']
+    if self._file_values is None:
+      self._file_values = read_scores(self.source, ctx.task.num_classes)
+    return self._file_values
 
   def _aligned(self, ctx):
     """The file's values of every set of the run (read once): [N] scores or [N, C] logits per set."""
-    if 'aligned' not in self._cache:
+    if self._by_set is None:
       keys, values = self._file(ctx)
-      self._cache['aligned'] = align(self.source, keys, values, {d: e.ids for d, e in ctx.examples.items()})
+      self._by_set = align(self.source, keys, values, {d: e.ids for d, e in ctx.examples.items()})
       used = len(set().union(*(e.ids.tolist() for e in ctx.examples.values())))
       log.info('%s: %d rows of %s from %s, %d of them in this run\'s sets', self.name, len(keys),
                'logits' if values.ndim == 2 else 'scores', self.source, used)
-    return self._cache['aligned']
+    return self._by_set
 
   def scores(self, ctx, dataset):
     return self._aligned(ctx)[dataset]
