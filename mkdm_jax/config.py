@@ -32,6 +32,9 @@ class Config:
   """Every setting of a pipeline run (experiments/run.py turns each field into a flag)."""
   workdir: str | None = _setting(None, 'Work directory (created; reruns resume in it).')
   shared_dir: str | None = _setting(None, 'Where teachers and the logit store live (default: workdir).')
+  stage1_cache: str | None = _setting(None, 'Where finished first stages of two-stage methods are kept, keyed by '
+                                      'everything they depend on, and copied from instead of trained again '
+                                      '(default: <shared_dir>/stage1).')
   stages: tuple[str, ...] = _setting(STAGES, f'Stages to run, a subset of {STAGES}.')
   overwrite: bool = _setting(False, 'Delete saved runs whose recorded settings differ from this run\'s and '
                              'retrain them (default: stop and list the changed settings).')

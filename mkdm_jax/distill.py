@@ -198,7 +198,7 @@ SETTINGS = {
     # Evaluation only.
     **dict.fromkeys(('eval_split', 'eval_batch_size', 'speed_rows', 'speed_repeats', 'extra_eval'), _EVAL),
     # Bookkeeping.
-    **dict.fromkeys(('workdir', 'shared_dir', 'stages', 'methods', 'students', 'checkpoint_every', 'progress',
+    **dict.fromkeys(('workdir', 'shared_dir', 'stage1_cache', 'stages', 'methods', 'students', 'checkpoint_every', 'progress',
                      'profile_steps', 'compilation_cache_dir', 'fsdp', 'distributed', 'overwrite',
                      'allow_pickle'), _RUN),
 }

@@ -11,15 +11,18 @@ The parts: `config` (settings), `context` (rows, teachers, mesh), `teachers` (on
 (the logits stage and store reads), `distill` (methods as rows), `report` (evaluate and report stages).
 """
 import dataclasses
+import hashlib
 import json
 import logging
+import os
 import pathlib
+import shutil
 import time
 
 import jax
 import numpy as np
 
-from mkdm_jax import config, context, distill, losses, report, saved_model, saved_runs, teacher_logits, train
+from mkdm_jax import config, context, distill, losses, paths, report, saved_model, saved_runs, teacher_logits, train
 from mkdm_jax.errors import UserError
 from mkdm_jax.models import factory
 from mkdm_jax.models.classifier import combination_weights
@@ -123,13 +126,47 @@ def _student_run(ctx, arch, run):
     return model, params
 
   dataset = 'unlabelled' if stage1 else 'train'
-  fit_model(ctx, ctx.student_dir(arch, run), build, ctx.student_tokenizer_dir(arch), dataset, settings,
+  directory = ctx.student_dir(arch, run)
+  cached = stage1_cache_dir(ctx, arch, run, settings) if stage1 else None
+  saved_runs.check([(directory, settings)], cfg.overwrite)  # a stale saved run: an error, or deleted to be redone
+  if cached is not None and not train.is_complete(directory) and train.is_complete(cached):
+    _copy_run(cached, directory, settings)
+    log.info('%s: first stage copied from %s (trained before with the same settings and teachers)', directory, cached)
+  fit_model(ctx, directory, build, ctx.student_tokenizer_dir(arch), dataset, settings,
             train_config(cfg, ctx.buckets, epochs=cfg.pretrain_epochs if stage1 else cfg.student_epochs,
                          learning_rate=student_learning_rate(cfg, arch), seed=cfg.student_seed,
                          max_steps=cfg.pretrain_steps if stage1 else 0,
                          frozen=('word_embeddings',) if cfg.freeze_word_embeddings else ()),
             distill.loss_config(run, cfg), select_on_dev=not stage1,
             teachers=teacher_logits.teacher_inputs(ctx, dataset, indices) if indices else None)
+  if cached is not None and not train.is_complete(cached):
+    _copy_run(directory, cached, settings)
+
+
+def stage1_cache_dir(ctx, arch, run, settings) -> pathlib.Path:
+  """Where a finished first stage is kept for reuse (--stage1_cache, default <shared_dir>/stage1/): <arch>_<key>,
+  the key a hash of all it depends on (`settings`, the teachers' fingerprints included) with the method's target
+  in place of its name, so another work directory, variant or method with the same first stage (e.g. a sweep of
+  a stage-2 setting) copies it instead of training it again."""
+  m = distill.method_of(run)
+  key = json.dumps({**settings, 'method': [m.teachers, m.target, m.heads]}, sort_keys=True)
+  root = pathlib.Path(ctx.cfg.stage1_cache) if ctx.cfg.stage1_cache else ctx.shared / 'stage1'
+  return root / f'{arch}_{hashlib.sha256(key.encode()).hexdigest()[:16]}'
+
+
+def _copy_run(source, target, settings):
+  """A finished run's folder copied to `target` (what was there is replaced), without its resumable checkpoints,
+  recording `settings` (the run it now belongs to); process 0 copies, the others wait."""
+  if jax.process_index() == 0:
+    tmp = target.with_name(f'.{target.name}.tmp-{os.getpid()}')
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns('ckpt', 'best'))
+    paths.write_text_atomic(tmp / saved_runs.SETTINGS_FILE, json.dumps(settings, indent=1))
+    if target.exists():
+      shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, target)
+  context.sync_processes(f'{target.name} copied')
 
 
 def stage_pretrain(ctx: context.Context):

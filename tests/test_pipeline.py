@@ -251,3 +251,32 @@ def test_teacher_diversity_is_computed_from_the_stored_logits(ci_tiny_run):
     expected = metrics.teacher_diversity(np.stack(logits, axis=1))
     assert results['teacher_diversity'][split] == pytest.approx(expected, abs=1e-12)
     assert 0 < expected['symmetric_kl']
+
+
+def test_a_first_stage_is_trained_once_for_its_settings_and_teachers(tmp_path, xla_cache):
+  """--stage1_cache: another work directory whose tkd differs only in a stage-2 setting copies the finished first
+  stage (the same parameters, not trained again, no resumable checkpoints copied); a stage-1 setting trains a new
+  one beside it."""
+  from mkdm_jax import train
+  cache = tmp_path / 'stage1'
+  common = ['--methods=tkd', '--students=bert1', '--unlabelled_extra=0', f'--shared_dir={tmp_path / "shared"}',
+            f'--stage1_cache={cache}', '--stages=teachers,logits,pretrain,distill']
+  first = run_pipeline(tmp_path / 'a', *common, cache=xla_cache)
+  assert first.returncode == 0, first.stderr[-5000:]
+  (entry,) = cache.iterdir()
+  assert entry.name.startswith('bert1_') and not (entry / 'ckpt').exists()
+  second = run_pipeline(tmp_path / 'b', *common, '--student_epochs=2', cache=xla_cache)
+  assert second.returncode == 0, second.stderr[-5000:]
+  assert 'first stage copied from' in second.stderr
+  copied, trained = (tmp_path / d / 'students' / 'bert1_tkd_stage1' for d in ('b', 'a'))
+  for x, y in zip(*(jax_leaves(train.load_final(d)[0]) for d in (copied, trained))):
+    np.testing.assert_array_equal(x, y)
+  assert train.is_complete(tmp_path / 'b' / 'students' / 'bert1_tkd') and not (copied / 'ckpt').exists()
+  third = run_pipeline(tmp_path / 'c', *common, '--pretrain_epochs=2', cache=xla_cache)
+  assert third.returncode == 0, third.stderr[-5000:]
+  assert 'first stage copied from' not in third.stderr and len(list(cache.iterdir())) == 2
+
+
+def jax_leaves(params):
+  import jax
+  return [np.asarray(leaf) for leaf in jax.tree.leaves(params)]

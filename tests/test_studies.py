@@ -124,7 +124,9 @@ def test_factor_variants_put_the_variant_flags_last(tmp_path):
   assert [(v.name, v.study.cfg.alpha, v.study.cfg.students) for v in out] == [('reference', 0.4, ('bert1',)),
                                                                               ('alpha=0.9', 0.9, ('bert1',))]
   assert out[1].flags == ('--alpha=0.9',)
-  assert out[1].study.flags == ('--alpha=0.4', '--students=bilstm', '--students=bert1', '--alpha=0.9')
+  cache = f'--stage1_cache={tmp_path / "f" / "stage1"}'  # one first-stage cache for every variant
+  assert out[1].study.flags == (cache, '--alpha=0.4', '--students=bilstm', '--students=bert1', '--alpha=0.9')
+  assert {v.study.cfg.stage1_cache for v in out} == {str(tmp_path / 'f' / 'stage1')}
   assert (out[1].study.root, out[1].study.records) == (tmp_path / 'f' / 'alpha=0.9', tmp_path / 'r' / 'alpha=0.9')
 
 

@@ -16,7 +16,7 @@ from mkdm_jax.errors import UserError
 from mkdm_jax.metrics import average_precisions
 
 METRICS = ('map', 'mrr')  # the per-question scores: average precision, reciprocal rank
-NOT_COMPARED = ('workdir', 'shared_dir', 'progress', 'compilation_cache_dir')  # may differ between sessions
+NOT_COMPARED = ('workdir', 'shared_dir', 'stage1_cache', 'progress', 'compilation_cache_dir')  # may differ between sessions
 ROW_FIELDS = ('name', 'method', 'student', 'metrics', 'dev_metrics', 'head_metrics', 'combine_weights',
               'head_agreement', 'teacher_agreement', 'extra_metrics', 'train_seconds', 'pretrain_seconds')
 

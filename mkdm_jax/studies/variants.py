@@ -105,9 +105,11 @@ class FactorVariant:
 def factor_variants(flagfile, flags, variants, *, student, seeds, root, records, pairs, metric, seeds_random=True,
                     allow_dirty=False):
   """One Study per (name, run.py flags) of `variants`, of `student` only, in <root>/<name> with its records in
-  records(index, name): the base flags, then --students, then the variant's flags."""
+  records(index, name): one first-stage cache for all (<root>/stage1, unless the flags name another), the base
+  flags, then --students, then the variant's flags."""
+  cache = f'--stage1_cache={pathlib.Path(root).absolute() / "stage1"}'
   return [FactorVariant(name, tuple(variant_flags),
-                        study(flagfile, [*flags, f'--students={student}', *variant_flags], seeds=seeds,
+                        study(flagfile, [cache, *flags, f'--students={student}', *variant_flags], seeds=seeds,
                               root=pathlib.Path(root) / name, records=records(i, name), pairs=pairs, metric=metric,
                               tool='factors.py', seeds_random=seeds_random, allow_dirty=allow_dirty))
           for i, (name, variant_flags) in enumerate(variants)]
