@@ -28,6 +28,11 @@ class ImportedScores(Calibrated):
   calibrated = False  # a file of per-class logits is used as it is (a scalar-score file is calibrated)
   scores_corpus = True  # a prepared corpus's rows are looked up by key, like every other set's
 
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._file_values = None  # (row keys, values) of the file
+    self._by_set = None  # dataset -> the file's values of its rows
+
   def check(self):
     if not Path(self.source).is_file():
       raise UserError(f'--teacher_checkpoints: scores:{self.source}: no such file')
@@ -37,11 +42,6 @@ class ImportedScores(Calibrated):
 
   def scorer(self, ctx, count):
     return None  # the scores were computed elsewhere: nothing runs here to time
-
-  def __init__(self, *args, **kwargs):
-    super().__init__(*args, **kwargs)
-    self._file_values = None  # (row keys, values) of the file
-    self._by_set = None  # dataset -> the file's values of its rows
 
   def _file(self, ctx):
     """(row keys, values) of the file, read once."""
@@ -68,8 +68,8 @@ class ImportedScores(Calibrated):
 
   def corpus_logits(self, ctx, rows, shards):
     keys, values = self._file(ctx)
-    for shard in shards:
-      (shard_values,) = align(self.source, keys, values, {f'corpus shard {shard}': rows.shard_ids(shard)}).values()
+    by_shard = align(self.source, keys, values, {f'corpus shard {s}': rows.shard_ids(s) for s in shards})
+    for shard, shard_values in zip(shards, by_shard.values()):
       yield shard, shard_values if shard_values.ndim == 2 else self.calibrate(ctx, shard_values)
 
 
