@@ -152,6 +152,9 @@ def test_seeded_prefixes_keep_questions_whole_and_nest(tmp_path):
     assert manifest['rows'] == len(sizes[max_rows]) and manifest['order_seed'] == 7
   small, middle, full = sizes[10], sizes[30], sizes[None]
   assert full[:len(small)] == small and full[:len(middle)] == middle  # prefixes of one order
+  # Same sources, other rows: other corpora to the logit store (stored logits of one never pass for another's).
+  fingerprints = {corpus.CorpusIndex(tmp_path / f'seeded-{n}').fingerprint for n in (10, 30, None)}
+  assert len(fingerprints) == 3
   plain = corpus.prepare([source], tmp_path / 'plain', OPTIONS, rows_per_shard=16, progress=False)
   in_file = read(tmp_path / 'plain')
   assert sorted(map(str, full)) == sorted(map(str, in_file)) and full != in_file and plain['rows'] == 70

@@ -339,8 +339,10 @@ class CorpusIndex:
         self.shard_rows.append(len(z['ids']))
     self.ids, self.labels = np.concatenate(ids), np.concatenate(labels)
     self.groups = None
-    self.fingerprint = hashlib.sha256(f'{json.dumps(self.manifest["sources"], sort_keys=True)}\nrow keys'.encode()
-                                      ).hexdigest()
+    # The whole manifest: the sources, and which of their rows in which order (a seeded prefix of one source
+    # is another corpus with the same sources).
+    self._identity = json.dumps(self.manifest, sort_keys=True)
+    self.fingerprint = hashlib.sha256(f'{self._identity}\nrow keys'.encode()).hexdigest()
     self._shard_starts = np.cumsum([0] + self.shard_rows)
 
   def __len__(self):
@@ -364,8 +366,7 @@ class CorpusRows(CorpusIndex):
     self.max_length = max_length
     per_shard_lengths = [np.load(enc_dir / f'{s}.lengths.npy') for s in shards]
     self.lengths = np.concatenate(per_shard_lengths)
-    self.fingerprint = hashlib.sha256(
-        f'{json.dumps(self.manifest["sources"], sort_keys=True)}\n{enc_dir.name}'.encode()).hexdigest()
+    self.fingerprint = hashlib.sha256(f'{self._identity}\n{enc_dir.name}'.encode()).hexdigest()
     # Each row's first token within its shard's flat arrays (int64: 8 bytes a row), and the arrays, mapped lazily.
     self._token_starts = np.concatenate([np.cumsum(n, dtype=np.int64) - n for n in per_shard_lengths])
     self._enc_dir = enc_dir
