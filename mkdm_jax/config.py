@@ -50,6 +50,10 @@ class Config:
   label_col: str | None = _setting(None, 'tsv/jsonl tasks: label column (name or index).')
   group_col: str | None = _setting(None, 'tsv/jsonl tasks: question-id column for MAP/MRR.')
   max_train_rows: int = _setting(0, 'Use only the first N training rows (0 = all).')
+  train_order_seed: int = _setting(-1, 'Shuffle the training questions (each kept whole) with this seed before '
+                                   '--max_train_rows cuts them: the order of a corpus prepared with the same '
+                                   '--order_seed (experiments/prepare.py), so N rows are that corpus\'s first '
+                                   'questions; -1 = file order.')
   max_eval_rows: int = _setting(0, 'Use only the first N dev/eval rows (0 = all).')
   train_questions: str = _setting('all', "Training questions: 'all', or 'with_both' (only questions with at least "
                                   'one positive and one negative answer: the ones MAP/MRR evaluate; WikiQA: 8,651 of '
@@ -249,6 +253,9 @@ def validate(cfg: Config):
       (len(known) == len(cfg.methods),
        f'--methods: unknown method in {cfg.methods}; choose from {tuple(distill.METHODS)}'),
       (cfg.num_teachers >= 1, f'--num_teachers={cfg.num_teachers} must be >= 1'),
+      (cfg.max_train_rows >= 0 and cfg.max_eval_rows >= 0,
+       f'--max_train_rows={cfg.max_train_rows}, --max_eval_rows={cfg.max_eval_rows}: must be >= 0 (0 = all rows)'),
+      (cfg.train_order_seed >= -1, f'--train_order_seed={cfg.train_order_seed}: a seed >= 0, or -1 for file order'),
       (cfg.batch_size > 0 and cfg.batch_size % jax.device_count() == 0,
        f'--batch_size={cfg.batch_size} must be a positive multiple of the {jax.device_count()} devices'),
       (len(cfg.teacher_checkpoints) in (1, cfg.num_teachers),

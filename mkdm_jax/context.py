@@ -99,6 +99,15 @@ def load_split_rows(cfg: config.Config, split, max_rows=0):
                              text_b_col=cfg.text_b_col, label_col=cfg.label_col, group_col=cfg.group_col)
 
 
+def load_train_rows(cfg: config.Config):
+  """The training split: its first --max_train_rows rows, in file order or --train_order_seed's order."""
+  if cfg.train_order_seed < 0:
+    return load_split_rows(cfg, cfg.train_split, cfg.max_train_rows)
+  train = load_split_rows(cfg, cfg.train_split)
+  groups = [None] * len(train) if train.groups is None else train.groups.tolist()
+  return train.select(data_lib.corpus.seeded_order(groups, cfg.train_order_seed, cfg.max_train_rows or None))
+
+
 def load_unlabelled_split(cfg: config.Config, spec):
   """The rows of one --unlabelled_splits entry TASK:SPLIT (the task's own files; labels are dropped later)."""
   task, _, split = spec.rpartition(':')
@@ -124,7 +133,7 @@ def load_extra_eval(cfg: config.Config):
 def load_examples(cfg: config.Config, task):
   """The train, unlabelled, dev and eval rows."""
   load = lambda split, max_rows: load_split_rows(cfg, split, max_rows)
-  examples = {'train': load(cfg.train_split, cfg.max_train_rows), 'eval': load(cfg.eval_split, cfg.max_eval_rows)}
+  examples = {'train': load_train_rows(cfg), 'eval': load(cfg.eval_split, cfg.max_eval_rows)}
   if cfg.dev_split != 'none':
     examples['dev'] = load(cfg.dev_split, cfg.max_eval_rows)
   for name, flag in (('eval', 'eval_split'), ('dev', 'dev_split')):

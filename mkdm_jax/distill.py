@@ -164,7 +164,7 @@ _TWO_STAGE = Setting('students', runs=lambda m, stage1: m.pretrain)
 SETTINGS = {
     # Data and encoding.
     **dict.fromkeys(('task', 'data_dir', 'train_split', 'dev_split', 'text_a_col', 'text_b_col', 'label_col',
-                     'group_col', 'max_train_rows', 'max_eval_rows', 'train_questions', 'negatives_per_positive', 'data_seed',
+                     'group_col', 'max_train_rows', 'train_order_seed', 'max_eval_rows', 'train_questions', 'negatives_per_positive', 'data_seed',
                      'skip_bad_rows', 'max_length', 'buckets', 'tokenizer'), _DATA),
     # Optimisation of every training run.
     **dict.fromkeys(('batch_size', 'warmup_ratio', 'lr_decay', 'weight_decay', 'layer_decay', 'accumulate',

@@ -170,6 +170,25 @@ def test_seeded_prefixes_keep_questions_whole_and_nest(tmp_path):
                    max_rows=10)
 
 
+def test_train_order_seed_trains_on_the_seeded_corpus_prefix(tmp_path):
+  """--train_order_seed with --max_train_rows: the training rows are exactly the first questions of a corpus
+  prepared with that order seed (a teacher's transfer step sees the stage-1 prefix's pairs); -1 keeps file order."""
+  from mkdm_jax import config, context
+  source = write_corpus_file(tmp_path / 'a.tsv', 70)
+  corpus.prepare([source], tmp_path / 'seeded', OPTIONS, rows_per_shard=16, progress=False, order_seed=7, max_rows=10)
+  prefix = [tuple(row[:3]) for row in corpus._text_records(tmp_path / 'seeded' / 'text', 0)]
+  flags = dict(workdir=str(tmp_path / 'w'), task='tsv', train_split=str(source), text_a_col='question',
+               text_b_col='passage', label_col='label', group_col='qid', max_train_rows=10)
+  seeded = context.load_train_rows(config.Config(**flags, train_order_seed=7))
+  assert list(zip(seeded.text_a, seeded.text_b, seeded.labels.tolist())) == prefix
+  in_file = context.load_train_rows(config.Config(**flags))
+  assert len(in_file) == 10 and in_file.text_b != seeded.text_b
+  other = context.load_train_rows(config.Config(**flags, train_order_seed=8))
+  assert other.text_b != seeded.text_b
+  with pytest.raises(UserError, match='--train_order_seed=-2'):
+    config.validate(config.Config(**flags, train_order_seed=-2))
+
+
 def test_malformed_rows_name_file_and_line_or_are_counted(tmp_path):
   source = write_corpus_file(tmp_path / 'a.tsv', 20)
   lines = source.read_text().splitlines()

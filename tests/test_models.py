@@ -139,6 +139,31 @@ def test_export_safetensors_round_trip(tmp_path):
   assert config['architectures'] == ['BertForSequenceClassification'] and config['num_labels'] == 3
 
 
+@pytest.mark.parametrize('encoder', [TINY_BERT, TINY_MPNET], ids=['bert', 'mpnet'])
+def test_exported_classifier_continues_as_a_teacher_with_its_head(tmp_path, minilm_dir, encoder):
+  """TANDA: a classifier fine-tuned on one task and exported is fine-tuned further as it was (its two-class layer
+  kept, so its first logits are the exported model's); another class count, or a bare encoder, gets a new head."""
+  from mkdm_jax.models import factory
+  options = factory.ModelOptions()
+  ids, types, mask = random_batch(3)
+  model = Classifier(encoder, num_classes=2)
+  params = init(model, seed=1)
+  export_hf(tmp_path / 'two', model, params)
+  teacher, start = factory.teacher(str(tmp_path / 'two'), 2, seed=5, options=options)
+  np.testing.assert_allclose(teacher.apply({'params': start}, ids, types, mask)['logits'],
+                             model.apply({'params': params}, ids, types, mask)['logits'], atol=1e-5)
+  three = Classifier(encoder, num_classes=3)
+  export_hf(tmp_path / 'three', three, init(three, seed=1))
+  _, fresh = factory.teacher(str(tmp_path / 'three'), 2, seed=5, options=options)
+  _, fresh_other_seed = factory.teacher(str(tmp_path / 'three'), 2, seed=6, options=options)
+  assert fresh['heads']['kernel'].shape == (1, encoder.hidden_size, 2)
+  assert np.abs(fresh['heads']['kernel'] - fresh_other_seed['heads']['kernel']).max() > 0  # the seed's new head
+  jax.tree.map(np.testing.assert_array_equal, fresh['encoder'], start['encoder'])
+  _, bare = factory.teacher('minilm-l6', 2, seed=5, options=options)
+  _, bare_other_seed = factory.teacher('minilm-l6', 2, seed=6, options=options)
+  assert np.abs(bare['heads']['kernel'] - bare_other_seed['heads']['kernel']).max() > 0
+
+
 def test_export_bilstm_is_refused(tmp_path):
   model = Classifier(TINY_LSTM, num_classes=2)
   with pytest.raises(UserError, match='BiLSTM'):

@@ -126,21 +126,27 @@ def _rows(sources, options: ReadOptions, report):
                    'skipped': stream.skipped})
 
 
-def seeded_prefix(rows, seed, max_rows=None):
-  """The rows with their questions (groups; a row without one is its own) in the order of a permutation seeded by
-  `seed`, each question's rows together and in file order; with `max_rows`, the first questions holding at least
-  that many rows. The order depends on the seed alone, so a smaller `max_rows` is a prefix of a larger one."""
-  rows = list(rows)
+def seeded_order(groups, seed, max_rows=None) -> list[int]:
+  """Row positions with their questions (`groups[i]`; None: the row is its own) in the order of a permutation
+  seeded by `seed`, each question's rows together and in file order; with `max_rows`, the first questions holding
+  at least that many rows. The order depends on the seed alone, so a smaller `max_rows` is a prefix of a larger
+  one. Prepared corpora (`prepare`'s order_seed) and --train_order_seed share it."""
   first = {}  # group -> its rows' positions, groups in file order
-  for i, row in enumerate(rows):
-    first.setdefault(row[3] if row[3] is not None else ('row', i), []).append(i)
-  groups = list(first.values())
+  for i, group in enumerate(groups):
+    first.setdefault(group if group is not None else ('row', i), []).append(i)
+  questions = list(first.values())
   out = []
-  for g in np.random.default_rng(seed).permutation(len(groups)):
+  for g in np.random.default_rng(seed).permutation(len(questions)):
     if max_rows is not None and len(out) >= max_rows:
       break
-    out.extend(rows[i] for i in groups[g])
+    out.extend(questions[g])
   return out
+
+
+def seeded_prefix(rows, seed, max_rows=None):
+  """The rows (a, b, label, group, ...) in `seeded_order`."""
+  rows = list(rows)
+  return [rows[i] for i in seeded_order([row[3] for row in rows], seed, max_rows)]
 
 
 def prepare(sources, out_dir, options: ReadOptions, *, rows_per_shard=65536, progress=True, order_seed=None,

@@ -173,6 +173,25 @@ def load_hf_encoder(path, allow_pickle=False):
   return cfg, hf_state_to_encoder_params(state, cfg, str(bin_file))
 
 
+def load_hf_head(path, cfg, num_classes):
+  """(kernel [hidden, num_classes], bias [num_classes]) of the final classification layer in a sequence classifier
+  folder (`export_hf` writes one: a model fine-tuned here on another task), or None when the folder holds a bare
+  encoder or a classifier with another number of classes. The layer after the pooler: BERT's `classifier`,
+  RoBERTa's and MPNet's `classifier.out_proj`."""
+  from safetensors import safe_open
+  file = pathlib.Path(path) / 'model.safetensors'
+  if not file.is_file():
+    return None
+  key = 'classifier.out_proj.' if SEQUENCE_CLASSIFIERS[cfg.MODEL_TYPE][1] else 'classifier.'
+  with safe_open(str(file), framework='numpy') as f:  # reads the two tensors, not the whole file
+    if key + 'weight' not in f.keys():
+      return None
+    weight, bias = f.get_tensor(key + 'weight'), f.get_tensor(key + 'bias')
+  if weight.shape != (num_classes, cfg.hidden_size):
+    return None
+  return np.ascontiguousarray(weight.T, np.float32), np.asarray(bias, np.float32)
+
+
 def load_tokenizer(path):
   """A `tokenizers.Tokenizer` from tokenizer.json, else a BertWordPieceTokenizer from vocab.txt.
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from mkdm_jax.errors import UserError
 from mkdm_jax.models.bilstm import BiLSTMConfig, bilstm_embeddings_from_bert
-from mkdm_jax.models.checkpoints import cut_layers, load_hf_encoder, resolve_checkpoint
+from mkdm_jax.models.checkpoints import cut_layers, load_hf_encoder, load_hf_head, resolve_checkpoint
 from mkdm_jax.models.classifier import ENCODERS, Classifier, encoder_kind
 
 STUDENT_PATTERN = r'(bert|roberta|mpnet)\d+|bilstm'
@@ -82,10 +82,19 @@ def host_init_params(model: Classifier, seed: int, encoder_params=None):
 
 
 def teacher(checkpoint, num_classes, seed, options: ModelOptions):
-  """A one-head teacher classifier on a checkpoint (of any kind config.json names), and its initial params."""
+  """A one-head teacher classifier on a checkpoint (of any kind config.json names), and its initial params.
+
+  A sequence classifier of `num_classes` classes keeps its classification layer (a model fine-tuned on another
+  task and exported with experiments/export.py continues as it was: TANDA's transfer-then-adapt); any other
+  checkpoint gets a new head from `seed`.
+  """
   config, encoder_params = load_encoder(checkpoint, options)
   model = Classifier(config, num_classes=num_classes, dtype=jnp.dtype(options.dtype))
-  return model, host_init_params(model, seed, encoder_params)
+  params = host_init_params(model, seed, encoder_params)
+  head = None if encoder_params is None else load_hf_head(resolve_checkpoint(checkpoint), config, num_classes)
+  if head is not None:
+    params['heads'] = {'kernel': head[0][None], 'bias': head[1][None]}
+  return model, params
 
 
 def check_student(arch, checkpoint, options: ModelOptions, layers=None):
