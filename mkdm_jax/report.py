@@ -111,10 +111,11 @@ def stage_evaluate(ctx: context.Context):
                  params=count_params(params),
                  examples_per_sec=examples_per_sec(ctx, [timed_model(ctx, model, params, tokenizer_dir)]),
                  combine_weights=np.asarray(combination_weights(model, params)).tolist(),
-                 train_seconds=spec.get('train_seconds'))
+                 train_seconds=spec.get('train_seconds'), train_examples_per_sec=spec.get('train_examples_per_sec'))
       if distill.METHODS[method].pretrain:
-        row['pretrain_seconds'] = saved_model.read_spec(ctx.student_dir(arch, distill.stage1_run(method))).get(
-            'train_seconds')
+        stage1 = saved_model.read_spec(ctx.student_dir(arch, distill.stage1_run(method)))
+        row['pretrain_seconds'] = stage1.get('train_seconds')
+        row['pretrain_examples_per_sec'] = stage1.get('train_examples_per_sec')
       saved_model.update_spec(directory, threshold=row['threshold'])
       heads = train.scores(out, ctx.examples['eval'], ctx.metrics, threshold=row['threshold'])
       row['head_metrics'] = {k: v for k, v in heads.items() if '/' in k}

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import REPO, run_pipeline
 from mkdm_jax import data as data_lib
+from mkdm_jax.train.loop import logged_speed
 from mkdm_jax import metrics
 from mkdm_jax.teachers import scores as teacher_scores
 
@@ -65,6 +66,10 @@ def test_results_json_content_with_every_method(ci_tiny_run):
   tmkd = next(r for r in rows if r['name'] == 'bert1_tmkd')
   stage1 = json.loads((workdir / 'students' / 'bert1_tmkd_stage1' / 'model.json').read_text())
   assert tmkd['pretrain_seconds'] == stage1['train_seconds'] > 0
+  # and the median logged training examples/s of each stage (the stage 1's from its own metrics.jsonl).
+  assert all(r['train_examples_per_sec'] > 0 for r in rows if r['student'])
+  assert tmkd['pretrain_examples_per_sec'] == stage1['train_examples_per_sec'] == logged_speed(
+      workdir / 'students' / 'bert1_tmkd_stage1' / 'metrics.jsonl') > 0
   table = (workdir / 'results.md').read_text()
   assert 'bert1_tmkd' in table and 'speedup' in table and provenance['cpu_model'] in table
 

@@ -341,6 +341,26 @@ def test_the_study_report_averages_the_out_of_domain_metrics(tmp_path):
   assert '| bert1_mkdm | squad_dev | 0.6250 ± 0.1768 |' in tables.study_markdown(report)
 
 
+def test_the_study_report_averages_each_stages_cost(tmp_path):
+  found = [a_record(run) for run in variants.study_runs(a_study(tmp_path))]
+  for record, (seconds, speed) in zip(found, [(100.0, 40.0), (300.0, 60.0)]):
+    for row in record['rows']:
+      if row['method'] == 'mkdm':
+        row.update(train_seconds=seconds, train_examples_per_sec=speed, pretrain_seconds=None)
+  summary = summaries.summarise(found, ['bert1'])
+  mkdm = next(r for r in summary if r['name'] == 'bert1_mkdm')
+  assert mkdm['cost'] == {'train_seconds': {'mean': 200.0, 'std': pytest.approx(141.4213562)},
+                          'train_examples_per_sec': {'mean': 50.0, 'std': pytest.approx(14.1421356)}}
+  # kd_single's records hold wall times (1 s) only: the speed cells stay empty.
+  assert next(r for r in summary if r['name'] == 'bert1_kd_single')['cost'] == {
+      'train_seconds': {'mean': 1.0, 'std': 0.0}}
+  report = {'task': 'wikiqa', 'split': 'test', 'seeds': [0, 1], 'base_flagfile': 'b.flags', 'extra_flags': [],
+            'provenance': PROVENANCE, 'students': ['bert1'], 'runs': [], 'missing': [], 'teacher_diversity': {},
+            'summary': summary, 'seeds_random': True, 'metric': 'map', 'tests': [], 'skipped_pairs': []}
+  markdown = tables.study_markdown(report)
+  assert '| bert1_mkdm | 200 | 50.0 | - | - |' in markdown and '| bert1_kd_single | 1 | - | - | - |' in markdown
+
+
 def test_tables_format_the_numbers():
   factors = {'student': 'bert1', 'seeds': ['0', '1'], 'metric': 'map', 'base_flagfile': 'b.flags',
              'provenance': PROVENANCE, 'not_run': ['T=4'], 'variants': [

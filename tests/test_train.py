@@ -218,6 +218,8 @@ def test_fit_writes_logs_profile_and_done(tmp_path):
   assert list((tmp_path / 'tb').glob('events.out.tfevents.*'))
   assert [p for p in (tmp_path / 'profile').rglob('*') if p.is_file()]
   assert train.read_summary(tmp_path)['steps'] == 3 and train.is_complete(tmp_path)
+  # The summary's speed is the median of the logged windows.
+  assert train.read_summary(tmp_path)['examples_per_sec'] == np.median([m['examples_per_sec'] for m in logged])
 
 
 def test_non_finite_loss_is_caught_at_the_next_logged_or_saved_step(tmp_path):

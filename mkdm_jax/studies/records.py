@@ -14,11 +14,12 @@ import numpy as np
 from mkdm_jax import context, paths, provenance, saved_runs
 from mkdm_jax.errors import UserError
 from mkdm_jax.metrics import average_precisions
+from mkdm_jax.studies.summaries import COST_FIELDS
 
 METRICS = ('map', 'mrr')  # the per-question scores: average precision, reciprocal rank
 NOT_COMPARED = ('workdir', 'shared_dir', 'stage1_cache', 'progress', 'compilation_cache_dir')  # may differ between sessions
 ROW_FIELDS = ('name', 'method', 'student', 'metrics', 'dev_metrics', 'head_metrics', 'combine_weights',
-              'head_agreement', 'teacher_agreement', 'extra_metrics', 'train_seconds', 'pretrain_seconds')
+              'head_agreement', 'teacher_agreement', 'extra_metrics', *COST_FIELDS)
 
 
 def record_path(records_dir, student, seed) -> pathlib.Path:

@@ -11,6 +11,8 @@ from mkdm_jax import stats
 from mkdm_jax.errors import UserError
 
 ALPHA, POWER = 0.05, 0.8  # of the minimal detectable difference
+# A student row's cost fields (records and summaries): each stage's wall time and median training examples/s.
+COST_FIELDS = ('train_seconds', 'train_examples_per_sec', 'pretrain_seconds', 'pretrain_examples_per_sec')
 
 
 def mean_std(values) -> dict:
@@ -49,6 +51,9 @@ def summarise(records, students) -> list[dict]:
       for key in ('head_agreement', 'teacher_agreement'):  # multi-head rows of records made since 2026-12-06
         if all(r.get(key) is not None for r in rows):
           entry[key] = mean_std([r[key] for r in rows])
+      cost = {key: mean_std([r[key] for r in rows]) for key in COST_FIELDS if all(r.get(key) for r in rows)}
+      if cost:  # wall time (a resumed run: its last part) and median logged examples/s of each stage
+        entry['cost'] = cost
       if all(r.get('extra_metrics') for r in rows):  # --extra_eval sets (out of domain), combined prediction only
         entry['extra_metrics'] = {name: {m: mean_std([r['extra_metrics'][name][m] for r in rows])
                                          for m in metrics if '/' not in m}

@@ -39,6 +39,15 @@ def study_markdown(report) -> str:
               '| model | set | ' + ' | '.join(metrics) + ' |', '|' + '---|' * (2 + len(metrics))]
     lines += [f"| {r['name']} | {name} | " + ' | '.join(mean_std_cell(scores[m]) if m in scores else '-'
                                                       for m in metrics) + ' |' for r, name, scores in extra]
+  costly = [r for r in summary if 'cost' in r]
+  if costly:
+    cells = lambda cost, key, fmt: fmt.format(cost[key]['mean']) if key in cost else '-'
+    lines += ['', '## Cost (mean over seeds): wall time of each stage (a resumed run: its last part) and median '
+              'logged training examples/s', '',
+              '| model | stage 2 s | stage 2 ex/s | stage 1 s | stage 1 ex/s |', '|---|---|---|---|---|']
+    lines += [f"| {r['name']} | {cells(r['cost'], 'train_seconds', '{:.0f}')} | "
+              f"{cells(r['cost'], 'train_examples_per_sec', '{:.1f}')} | {cells(r['cost'], 'pretrain_seconds', '{:.0f}')} | "
+              f"{cells(r['cost'], 'pretrain_examples_per_sec', '{:.1f}')} |" for r in costly]
   collapse = [r for r in summary if 'head_agreement' in r]
   if collapse:
     lines += ['', '## Head agreement (dev): do the per-teacher heads rank like their teachers?', '',

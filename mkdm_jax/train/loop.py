@@ -92,6 +92,14 @@ def train_batches(train, cfg: TrainConfig, step, steps_per_epoch, extra=None):
     step = (epoch + 1) * steps_per_epoch
 
 
+def logged_speed(metrics_path):
+  """Median training examples/s of the logged windows in a metrics.jsonl (every part of a resumed run; a window
+  holding an evaluation or the first compilation is one of many), or None without any."""
+  speeds = [row['examples_per_sec'] for row in map(json.loads, Path(metrics_path).read_text().splitlines())
+            if row.get('kind') == 'train' and 'examples_per_sec' in row]
+  return float(np.median(speeds)) if speeds else None
+
+
 def fit(workdir, model, train, cfg: TrainConfig, loss_config: LossConfig, *, mesh, init_params=None,
         teacher_logits=None, teacher_models=(), teacher_params=(), eval_data=None,
         eval_metrics=(), primary_metric=None):
@@ -217,7 +225,9 @@ def fit(workdir, model, train, cfg: TrainConfig, loss_config: LossConfig, *, mes
         params = ckpt.restore_best(checkpoint.abstract_like(compiled.abstract.params, compiled.shardings.params))
       checkpoint.save_params(workdir / 'final', params)
       if is_main:
-        checkpoint.write_summary(workdir, {'steps': step, 'best_score': best_score, 'last_eval': last_eval})
+        metrics_file.flush()
+        checkpoint.write_summary(workdir, {'steps': step, 'best_score': best_score, 'last_eval': last_eval,
+                                           'examples_per_sec': logged_speed(workdir / 'metrics.jsonl')})
       return params
   finally:
     bar.close()
