@@ -129,8 +129,8 @@ def _student_run(ctx, arch, run):
   dataset = 'unlabelled' if stage1 else 'train'
   directory = ctx.student_dir(arch, run)
   cached = stage1_cache_dir(ctx, arch, run, settings) if stage1 else None
-  saved_runs.check([(directory, settings)], cfg.overwrite)  # a stale saved run: an error, or deleted to be redone
   if cached is not None and not train.is_complete(directory) and train.is_complete(cached):
+    saved_runs.check([(directory, settings)], cfg.overwrite)  # a stale partial run: an error, or deleted first
     _copy_run(cached, directory, settings)
     log.info('%s: first stage copied from %s (trained before with the same settings and teachers)', directory, cached)
   fit_model(ctx, directory, build, ctx.student_tokenizer_dir(arch), dataset, settings,
