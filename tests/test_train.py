@@ -118,15 +118,16 @@ def test_sharded_training_matches_single_device(tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_identical_params(tmp_path):
-  """2N steps straight == N steps, SIGKILL, rerun (with dropout, so the RNG must resume too)."""
-  proc, straight = run_harness(tmp_path, 'straight', steps=12)
+@pytest.mark.parametrize('family', ['bert', 'mpnet'])
+def test_killed_run_resumes_to_identical_params(tmp_path, family):
+  """2N steps straight == N steps, SIGKILL, rerun (with dropout, so the RNG must resume too), for both families."""
+  proc, straight = run_harness(tmp_path, 'straight', steps=12, family=family)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  proc, _ = run_harness(tmp_path, 'resumed', steps=12, kill_after=7)
+  proc, _ = run_harness(tmp_path, 'resumed', steps=12, kill_after=7, family=family)
   assert proc.returncode == -9, f'expected SIGKILL, got {proc.returncode}: {proc.stderr[-2000:]}'
   ckpts = sorted(int(p.name) for p in (tmp_path / 'resumed' / 'ckpt').iterdir() if p.name.isdigit())
   assert ckpts and max(ckpts) < 12, ckpts
-  proc, resumed = run_harness(tmp_path, 'resumed', steps=12)
+  proc, resumed = run_harness(tmp_path, 'resumed', steps=12, family=family)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'resuming' in proc.stderr
   assert_same_params(straight, resumed, 0.0)

@@ -1,4 +1,4 @@
-"""Subprocess harness for engine tests: trains a tiny BERT on synthetic pairs and saves its params.
+"""Subprocess harness for engine tests: trains a tiny BERT (or MPNet) on synthetic pairs and saves its params.
 
   python tests/train_harness.py --workdir=W --out=params.npz [--devices=8 --fsdp=2 --kill_after=7]
 
@@ -21,6 +21,7 @@ parser.add_argument('--checkpoint_every', type=int, default=3)
 parser.add_argument('--kill_after', type=int, default=0, help='SIGKILL self after this many batches')
 parser.add_argument('--dropout', type=float, default=0.1)
 parser.add_argument('--hidden', type=int, default=32)
+parser.add_argument('--family', choices=('bert', 'mpnet'), default='bert')
 parser.add_argument('--nan_row', type=int, default=-1, help='put NaN into this row\'s teacher logits')
 parser.add_argument('--num_processes', type=int, default=1)
 parser.add_argument('--process_id', type=int, default=0)
@@ -60,9 +61,10 @@ def main():
                                initialization_timeout=60)
   if args.kill_after:
     install_kill()
-  config = models.BertConfig(vocab_size=128, hidden_size=args.hidden, num_layers=2, num_attention_heads=2,
-                             intermediate_size=64, max_position_embeddings=32,
-                             hidden_dropout=args.dropout, attention_dropout=args.dropout)
+  family = models.BertConfig if args.family == 'bert' else models.MPNetConfig
+  config = family(vocab_size=128, hidden_size=args.hidden, num_layers=2, num_attention_heads=2,
+                  intermediate_size=64, max_position_embeddings=32 if args.family == 'bert' else 34,
+                  hidden_dropout=args.dropout, attention_dropout=args.dropout)
   model = models.Classifier(config, num_classes=2, num_heads=2)
   data = synthetic_data()
   teacher_logits = np.random.default_rng(1).normal(size=(len(data), 2, 2)).astype(np.float32)
