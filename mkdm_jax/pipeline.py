@@ -71,6 +71,7 @@ def fit_model(ctx: context.Context, directory, build, tokenizer_dir, dataset, se
   if model.combine == 'learned' and dev is not None:
     params = _fit_head_weights(ctx, directory, model, params, dev)
   seconds = time.perf_counter() - t0  # of this process: a resumed run counts its last part only
+  context.sync_processes(f'{directory.name} trained')  # process 0 has written DONE.json, read below
   saved_model.update_spec(directory, combine_weights=np.asarray(combination_weights(model, params)).tolist(),
                           train_seconds=round(seconds, 1),
                           train_examples_per_sec=train.read_summary(directory).get('examples_per_sec'))
