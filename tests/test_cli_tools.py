@@ -277,3 +277,14 @@ def test_export_onnx_runs_in_onnxruntime_with_the_same_logits(bert_model, tmp_pa
     assert int8.shape == fp32.shape and np.isfinite(int8).all()
   assert_user_error(run_script('export.py', f'--model={directory}', f'--out={tmp_path / "b"}', '--onnx_int8',
                                check=False), '--onnx_int8 quantises the ONNX file: add --onnx')
+
+
+# compare_scores.py
+def test_compare_scores_prints_the_comparison_and_names_bad_files(tmp_path):
+  a, b = tmp_path / 'a.tsv', tmp_path / 'b.tsv'
+  a.write_text('row\tlogit_0\tlogit_1\n1\t0\t1\n2\t1\t0\n')
+  b.write_text('row\tlogit_0\tlogit_1\n2\t1\t0.25\n1\t0\t1\n3\t0\t0\n')
+  out = json.loads(run_script('compare_scores.py', f'--a={a}', f'--b={b}').stdout)
+  assert out['common_rows'] == 2 and out['max_abs_logit_diff'] == 0.25 and out['argmax_agreement'] == 1.0
+  assert_user_error(run_script('compare_scores.py', f'--a={a}', f'--b={tmp_path / "none.tsv"}', check=False),
+                    'none.tsv: cannot read teacher scores')

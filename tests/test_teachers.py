@@ -55,6 +55,26 @@ def test_bad_score_files_name_file_and_line(tmp_path, name, content, message):
   assert str(path) in str(e.value) and message in str(e.value)
 
 
+def test_compare_logits_by_hand(tmp_path):
+  a, b = tmp_path / 'a.tsv', tmp_path / 'b.tsv.gz'
+  a.write_text('row\tlogit_0\tlogit_1\n1\t0\t1\n2\t0\t2\n3\t1\t0\n9\t5\t5\n')
+  with gzip.open(b, 'wt') as f:  # rows 1-3 in another order, row 4 only here
+    f.write('row\tlogit_0\tlogit_1\n3\t0\t0.5\n1\t0\t3\n2\t0.5\t1.5\n4\t0\t0\n')
+  out = scores.compare_logits(a, b)
+  # margins on rows 1, 2, 3: a = 1, 2, -1; b = 3, 1, 0.5; ranks a 2, 3, 1 and b 3, 2, 1
+  assert out['rows_a'] == 4 and out['rows_b'] == 4 and out['common_rows'] == 3
+  assert out['max_abs_logit_diff'] == pytest.approx(2.0)
+  assert out['mean_abs_margin_diff'] == pytest.approx((2 + 1 + 1.5) / 3)
+  assert out['spearman_margin'] == pytest.approx(0.5)  # 1 - 6 * (1 + 1 + 0) / (3 * 8)
+  assert out['argmax_agreement'] == pytest.approx(2 / 3)  # row 3: class 0 in a, 1 in b
+  (tmp_path / 'c.tsv').write_text('row\tlogit_0\tlogit_1\n7\t0\t1\n')
+  with pytest.raises(UserError, match='share no row key'):
+    scores.compare_logits(a, tmp_path / 'c.tsv')
+  (tmp_path / 'd.tsv').write_text('row\tscore\n1\t0.5\n')
+  with pytest.raises(UserError, match='d.tsv: holds scalar scores'):
+    scores.compare_logits(a, tmp_path / 'd.tsv')
+
+
 def test_align_reports_missing_rows_and_ignores_others(tmp_path):
   keys, values = np.array([10, 11, 12]), np.array([1.0, 2.0, 3.0])
   out = scores.align('f.tsv', keys, values, {'train': np.array([12, 10]), 'dev': np.array([11])})

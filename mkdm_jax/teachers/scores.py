@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 from mkdm_jax.errors import UserError
 from mkdm_jax.teachers.base import Calibrated
@@ -157,3 +158,26 @@ def align(path, keys, values, wanted: dict[str, np.ndarray]) -> dict[str, np.nda
     raise UserError(f'{path}: teacher scores are missing for {detail}. Score every train, dev, eval (and '
                     'unlabelled) row; row keys are mkdm_jax.data.row_key of each pair')
   return {name: values[[index[int(k)] for k in ids]] for name, ids in wanted.items()}
+
+
+def compare_logits(path_a, path_b, num_classes: int = 2) -> dict:
+  """How far two per-class logit files (e.g. a retrained teacher's export against a committed one) differ on
+  the rows both hold: row counts, max |logit difference|, and for two classes the mean |margin difference|,
+  the Spearman correlation of the margins (logit_1 - logit_0, what the probability and the ranking depend on)
+  and the share of rows with the same predicted class."""
+  keys_a, a = read_scores(path_a, num_classes)
+  keys_b, b = read_scores(path_b, num_classes)
+  if a.ndim != 2 or b.ndim != 2:
+    raise UserError(f'{path_a if a.ndim != 2 else path_b}: holds scalar scores; comparing needs per-class logits')
+  common, at_a, at_b = np.intersect1d(keys_a, keys_b, return_indices=True)
+  if not len(common):
+    raise UserError(f'{path_a} and {path_b} share no row key: nothing to compare')
+  a, b = a[at_a], b[at_b]
+  result = {'rows_a': len(keys_a), 'rows_b': len(keys_b), 'common_rows': len(common),
+            'max_abs_logit_diff': float(np.abs(a - b).max())}
+  if num_classes == 2:
+    margin_a, margin_b = a[:, 1] - a[:, 0], b[:, 1] - b[:, 0]
+    result.update(mean_abs_margin_diff=float(np.abs(margin_a - margin_b).mean()),
+                  spearman_margin=float(stats.spearmanr(margin_a, margin_b).statistic),
+                  argmax_agreement=float((a.argmax(1) == b.argmax(1)).mean()))
+  return result
