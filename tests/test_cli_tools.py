@@ -280,6 +280,7 @@ def test_export_onnx_runs_in_onnxruntime_with_the_same_logits(bert_model, tmp_pa
 
 
 # compare_scores.py
+@pytest.mark.slow
 def test_compare_scores_prints_the_comparison_and_names_bad_files(tmp_path):
   a, b = tmp_path / 'a.tsv', tmp_path / 'b.tsv'
   a.write_text('row\tlogit_0\tlogit_1\n1\t0\t1\n2\t1\t0\n')
