@@ -472,8 +472,9 @@ def test_factors_compare_each_variant_with_the_reference(tmp_path, monkeypatch):
 def test_a_merged_study_tests_one_variants_method_against_anothers(tmp_path, monkeypatch):
   flagfile = tmp_path / 'base.flags'
   flagfile.write_text('--students=bert1\n--methods=student_scratch,kd_single,mkdm\n--num_teachers=2\n')
-  reference, heads = variants.factor_variants(
-      flagfile, [], [('reference', []), ('heads', ['--methods=mkdm', '--head_layers=1'])],
+  reference, heads, later = variants.factor_variants(
+      flagfile, [], [('reference', []), ('heads', ['--methods=mkdm', '--head_layers=1']),
+                     ('later', ['--methods=mkdm', '--alpha=0.9'])],
       student='bert1', seeds=(0, 1), root=tmp_path / 'f', records=lambda i, name: tmp_path / 'records' / name,
       pairs=(('mkdm', 'kd_single'),), metric='map', allow_dirty=True)
   write_records(reference.study)
@@ -484,9 +485,11 @@ def test_a_merged_study_tests_one_variants_method_against_anothers(tmp_path, mon
     record['question_scores'] = {m: {'bert1_mkdm': heads_ap[run.student_seed]} for m in ('map', 'mrr')}
     records.write_record(records.record_path(heads.study.records, 'bert1', run.student_seed), record)
   monkeypatch.setattr(sweeps.provenance, 'record', lambda: PROVENANCE)
-  sweeps.run_factors([reference, heads], flagfile='base.flags', flags=[], root=tmp_path / 'f', report_only=True,
-                     study_pairs=(('mkdm@heads', 'kd_single'), ('mkdm@heads', 'mkdm')))
+  sweeps.run_factors([reference, heads, later], flagfile='base.flags', flags=[], root=tmp_path / 'f',
+                     report_only=True,  # `later` has no records: its pair is skipped, not an error
+                     study_pairs=(('mkdm@heads', 'kd_single'), ('mkdm@heads', 'mkdm'), ('mkdm@later', 'mkdm')))
   merged = json.loads((tmp_path / 'f' / 'merged' / 'study.json').read_text())
+  assert {(t['a'], t['b']) for t in merged['tests']} == {('mkdm@heads', 'kd_single'), ('mkdm@heads', 'mkdm')}
   assert merged['methods'] == ['student_scratch', 'kd_single', 'mkdm', 'mkdm@heads']
   assert [v['name'] for v in merged['variants']] == ['reference', 'heads'] and merged['missing'] == [['bert1', 1]]
   by_pair = {(t['a'], t['b']): t for t in merged['tests']}

@@ -125,11 +125,16 @@ def merged_records(ran):
   return merged, methods, left_out
 
 
-def merged_study(ran, pairs, root):
+def merged_study(ran, pairs, root, not_run=()):
   """One study report of every variant's methods side by side (`merged_records`): the reference's methods keep
   their names, another variant's are `method@variant`, and `pairs` may test any two of them (e.g.
-  mkdm@head_layers1:kd_single). Written to <root>/study.json, study.md and study_<metric>.png; returns it."""
+  mkdm@head_layers1:kd_single); a pair with a method of a variant in `not_run` (no records yet) is skipped with a
+  note. Written to <root>/study.json, study.md and study_<metric>.png; returns it."""
   merged, methods, left_out = merged_records(ran)
+  pending = [(a, b) for a, b in pairs if {a.partition('@')[2], b.partition('@')[2]} & set(not_run)]
+  for a, b in pending:
+    print(f'skipping study pair {a}:{b}: its variant has no records yet', flush=True)
+  pairs = [pair for pair in pairs if pair not in pending]
   unknown = sorted({m for pair in pairs for m in pair} - set(methods))
   if unknown:
     raise UserError(f'--study_pairs: {", ".join(unknown)} is not a method of the merged study; choose from '
@@ -207,7 +212,7 @@ def run_factors(factor_variants, *, flagfile, flags, root, report_only=False, st
   (root / 'factors.json').write_text(json.dumps(report, indent=1))
   (root / 'factors.md').write_text(tables.factors_markdown(report))
   if study_pairs:
-    merged_study(ran, study_pairs, root / 'merged')
+    merged_study(ran, study_pairs, root / 'merged', not_run)
   if curve:
     size_curve(studies, first.metric, root)
   return report
